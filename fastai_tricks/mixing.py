@@ -1,0 +1,771 @@
+"""Mixing callbacks for fastai: MixUp, CutMix, ManifoldMix, ResizeMix, FMix and RandomMix.
+
+All of them derive from :class:`MixCallback`, which owns what they share: λ
+from Beta(α, α), pairing by a random permutation, the per-batch probability
+``p``, switching mixing off for the end of training, and mixing targets or
+losses. Each variant only says how inputs are mixed and what λ means for it;
+the maths lives in :mod:`fastai_tricks.mix_ops`.
+
+Nothing is left to restore. Unlike fastai's ``MixHandler``, these callbacks
+never swap ``learn.loss_func``: the mixed loss is computed in ``after_loss``
+from the loss function the learner already has. ManifoldMix's hooks exist only
+for the forward pass of one training batch, are removed by an always-called
+hook on the model, and are removed again whenever the callback is detached (so
+also when ``fit(cbs=...)`` unwinds after any exception).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastai.callback.core import Callback
+from fastai.layers import NoneReduce
+from fastai.torch_core import TensorMask
+from torch import Tensor, nn
+
+from . import mix_ops
+from ._checks import check_fraction, check_positive, check_positive_int, check_probabilities
+from ._fastai_utils import is_training_batch
+from .data import IMAGENETTE_CLASSES
+
+__all__ = ["CutMix", "FMix", "ManifoldMix", "MixCallback", "MixUp", "RandomMix", "ResizeMix", "show_mix_batch"]
+
+Alpha = float | Callable[[float], float]
+
+
+@dataclass
+class _BatchMix:
+    """What one mixed batch needs later on: partners, weights and how targets are handled."""
+
+    perm: Tensor
+    lam: Tensor
+    target_kind: str  # 'loss' (mix per-sample losses), 'target' (targets already mixed) or 'dense' (pasted)
+    source: MixCallback  # the variant that mixed the batch (a child of RandomMix, or the callback itself)
+
+
+@dataclass
+class _Drawn:
+    """A variant's answer to "mix this input": the new input (None if mixed inside the model) and λ."""
+
+    x: Tensor | None
+    perm: Tensor
+    lam: Tensor
+    paste_dense: Callable[[Tensor], Tensor] | None = None
+
+
+def _check_alpha(alpha: Any) -> Alpha:
+    if callable(alpha):
+        return alpha
+    return check_positive("alpha", alpha)
+
+
+def _retain_type(new: Tensor, old: Tensor) -> Tensor:
+    """Keep fastai's tensor subclass (TensorImage, TensorMask...) and its metadata."""
+    if type(new) is not type(old) and isinstance(old, Tensor):
+        new = new.as_subclass(type(old))
+    if hasattr(old, "__dict__") and old.__dict__:
+        new.__dict__.update(old.__dict__)
+    return new
+
+
+def _is_dense(x: Tensor, y: Tensor) -> bool:
+    """Whether ``y`` is a per-pixel target for image batch ``x`` (segmentation)."""
+    if isinstance(y, TensorMask):
+        return True
+    return not y.is_floating_point() and y.dim() >= 3 and tuple(y.shape[-2:]) == tuple(x.shape[-2:])
+
+
+class MixCallback(Callback):
+    """Base class of the mixing callbacks.
+
+    Subclasses implement :meth:`draw`, which mixes one input batch and returns
+    the partners and λ. The base class decides whether a batch is mixed, mixes
+    the targets (float targets), pastes dense targets (segmentation) or mixes
+    per-sample losses (integer targets with a ``y_int`` loss), and keeps the
+    learner untouched.
+
+    Args:
+        alpha: Beta(α, α) concentration, a float > 0 (an int is accepted) or a
+            callable of ``learn.pct_train`` returning one. Stays a settable
+            attribute, validated on assignment, so that other callbacks (e.g.
+            progressive resizing) can drive it.
+        p: Probability that a training batch is mixed at all.
+        off_pct: Fraction of training, at its end, during which nothing is mixed.
+        off_epochs: Number of final epochs during which nothing is mixed (timm's
+            ``mixup_off_epoch`` counted from the end).
+
+    Note:
+        Only the first input ``learn.xb[0]`` is mixed. Validation, ``get_preds``,
+        ``predict``, TTA and ``lr_find`` see unmixed batches. A batch of one is
+        left unmixed (λ = 1).
+
+    """
+
+    run_valid = False
+    #: Whether the variant can paste segmentation masks exactly as it pastes pixels.
+    supports_dense = False
+    # Runtime state that must not be pickled with an exported Learner.
+    _stateattrs = ("_batch", "_rng_state")
+
+    def __init__(self, alpha: Alpha = 1.0, p: float = 1.0, *, off_pct: float = 0.0, off_epochs: int = 0):
+        self.alpha = alpha
+        self.p = check_fraction("p", p)
+        self.off_pct = check_fraction("off_pct", off_pct, high_inclusive=False)
+        if isinstance(off_epochs, bool) or not isinstance(off_epochs, int) or off_epochs < 0:
+            raise ValueError(f"off_epochs must be an int >= 0, got {off_epochs!r}")
+        self.off_epochs = off_epochs
+        self._batch: _BatchMix | None = None
+
+    # --- the settable, validated alpha -----------------------------------------------------------
+
+    @property
+    def alpha(self) -> Alpha:
+        """Beta(α, α) concentration: a float > 0, or a callable of ``pct_train``."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: Alpha) -> None:
+        self._alpha = _check_alpha(value)
+
+    def current_alpha(self) -> float:
+        """α for the current batch, calling ``alpha(pct_train)`` when it is a schedule."""
+        if callable(self._alpha):
+            pct = float(getattr(self.learn, "pct_train", 0.0) or 0.0) if self.learn is not None else 0.0
+            return check_positive("alpha(pct_train)", self._alpha(pct))
+        return self._alpha
+
+    # --- `learn` as a property, so detaching the callback always releases what it holds ----------
+
+    @property
+    def learn(self) -> Any:
+        """The Learner this callback is attached to (None when detached)."""
+        return self.__dict__.get("_learn")
+
+    @learn.setter
+    def learn(self, value: Any) -> None:
+        if value is not self.__dict__.get("_learn"):
+            self._release()
+        self.__dict__["_learn"] = value
+
+    def _release(self) -> None:
+        """Drop per-batch state; subclasses that hold hooks remove them here."""
+        self.__dict__["_batch"] = None
+
+    # --- what a variant implements ---------------------------------------------------------------
+
+    def draw(self, x: Tensor) -> _Drawn:
+        """Mix the input batch ``x`` (B >= 2) and return the partners and λ. Implemented by each variant."""
+        raise NotImplementedError
+
+    # --- the training loop -----------------------------------------------------------------------
+
+    def _mixing_now(self) -> bool:
+        learn = self.learn
+        if not is_training_batch(learn):
+            return False
+        if self.off_pct and float(getattr(learn, "pct_train", 0.0)) >= 1.0 - self.off_pct:
+            return False
+        n_epoch = getattr(learn, "n_epoch", None)
+        if self.off_epochs and n_epoch is not None and getattr(learn, "epoch", 0) >= n_epoch - self.off_epochs:
+            return False
+        return self.p >= 1.0 or random.random() < self.p
+
+    def before_fit(self) -> None:
+        """Forget anything left from an earlier fit."""
+        self._release()
+
+    def before_batch(self) -> None:
+        """Mix ``learn.xb`` and, for float or dense targets, ``learn.yb``; remember λ for the loss."""
+        self._release()
+        if not self._mixing_now():
+            return
+        xb, yb = self.learn.xb, self.learn.yb
+        if not xb or not isinstance(xb[0], Tensor):
+            return
+        x = xb[0]
+        if x.shape[0] < 2:
+            return
+        kind = self._target_kind(x, yb)
+        if kind == "dense" and not self._can_paste_dense():
+            raise ValueError(
+                f"{type(self).__name__} cannot mix segmentation targets (TensorMask): blending or hidden-layer "
+                "mixing has no per-pixel label. Use CutMix, ResizeMix or FMix for segmentation."
+            )
+        source, drawn = self._draw_for_batch(x)
+        if drawn.x is not None:
+            self.learn.xb = (_retain_type(drawn.x, x), *xb[1:])
+        if kind == "target":
+            self.learn.yb = tuple(_retain_type(mix_ops.mix_targets(y, drawn.perm, drawn.lam), y) for y in yb)
+        elif kind == "dense":
+            if drawn.paste_dense is None:  # pragma: no cover - guarded by _can_paste_dense
+                raise ValueError(f"{type(source).__name__} cannot paste dense targets")
+            self.learn.yb = tuple(_retain_type(drawn.paste_dense(y), y) for y in yb)
+        self.__dict__["_batch"] = _BatchMix(drawn.perm, drawn.lam, kind, source)
+
+    def _draw_for_batch(self, x: Tensor) -> tuple[MixCallback, _Drawn]:
+        return self, self.draw(x)
+
+    def _can_paste_dense(self) -> bool:
+        return self.supports_dense
+
+    def _target_kind(self, x: Tensor, yb: tuple) -> str:
+        if not yb:
+            raise ValueError(f"{type(self).__name__} needs targets to mix, but the batch has none")
+        if all(isinstance(y, Tensor) and _is_dense(x, y) for y in yb):
+            return "dense"
+        if all(isinstance(y, Tensor) and y.is_floating_point() for y in yb):
+            return "target"
+        if all(isinstance(y, Tensor) and not y.is_floating_point() and y.dim() == 1 for y in yb):
+            lf = self.learn.loss_func
+            if not getattr(lf, "y_int", False):
+                raise ValueError(
+                    f"{type(self).__name__} mixes integer class targets by mixing per-sample losses, which needs a "
+                    f"loss with y_int=True that accepts reduction='none', but loss_func {lf!r} has no y_int. "
+                    "Fix: use CrossEntropyLossFlat or LabelSmoothingCrossEntropy, set loss_func.y_int = True if it "
+                    "supports reduction='none', or give float one-hot targets."
+                )
+            return "loss"
+        shapes = [(type(y).__name__, tuple(getattr(y, "shape", ())), getattr(y, "dtype", None)) for y in yb]
+        raise ValueError(
+            f"{type(self).__name__} cannot mix targets {shapes}: expected integer class targets (B,), float "
+            "targets (B, ...) or segmentation masks (B, H, W) matching the image"
+        )
+
+    def after_pred(self) -> None:
+        """Do nothing by default; variants that mix inside the model check their hooks here."""
+
+    def after_loss(self) -> None:
+        """Replace the loss by the λ-mix of per-sample losses against both targets (integer targets only)."""
+        batch = self.__dict__.get("_batch")
+        if batch is None or batch.target_kind != "loss" or not self.learn.training:
+            return
+        learn = self.learn
+        lf = learn.loss_func
+        reduction = getattr(lf, "reduction", "mean")
+        partner_yb = tuple(y[batch.perm] for y in learn.yb)
+        # NoneReduce sets reduction='none' only inside the with-block and restores it on any exit.
+        with NoneReduce(lf) as unreduced:
+            own = unreduced(learn.pred, *learn.yb)
+            partner = unreduced(learn.pred, *partner_yb)
+        loss = mix_ops.mix_losses(own, partner, batch.lam, reduction)
+        learn.loss_grad = loss
+        learn.loss = loss.detach().clone()
+
+    def after_batch(self) -> None:
+        """Forget the batch's partners and λ."""
+        self._release()
+
+    def after_cancel_batch(self) -> None:
+        """Forget the batch's partners and λ."""
+        self._release()
+
+    def after_fit(self) -> None:
+        """Forget everything held during fit."""
+        self._release()
+
+    def after_cancel_fit(self) -> None:
+        """Forget everything held during fit."""
+        self._release()
+
+
+class MixUp(MixCallback):
+    """MixUp: blend every image with a partner, one λ per sample.
+
+    Zhang et al. 2017, "mixup: Beyond Empirical Risk Minimization", arXiv 1710.09412.
+    λ is the weight of each sample's own image and target.
+
+    Args:
+        alpha: Beta(α, α) concentration (float, int or callable of ``pct_train``).
+        p: Probability a training batch is mixed.
+        off_pct: Final fraction of training without mixing.
+        off_epochs: Final number of epochs without mixing.
+
+    """
+
+    def __init__(self, alpha: Alpha = 0.4, p: float = 1.0, *, off_pct: float = 0.0, off_epochs: int = 0):
+        super().__init__(alpha, p, off_pct=off_pct, off_epochs=off_epochs)
+
+    def draw(self, x: Tensor) -> _Drawn:
+        """Blend ``x`` with a permutation of itself, λ per sample."""
+        res = mix_ops.mixup(x, self.current_alpha())
+        return _Drawn(res.x, res.perm, res.lam)
+
+
+class CutMix(MixCallback):
+    """CutMix: paste a box cut from the partner image.
+
+    Yun et al. 2019, "CutMix: Regularization Strategy to Train Strong Classifiers
+    with Localizable Features", arXiv 1905.04899. λ is corrected to the exact
+    kept fraction ``1 - area / (H * W)`` after the box is clipped to the image.
+    Segmentation masks are pasted with the same box.
+
+    Args:
+        alpha: Beta(α, α) concentration of the box's target area.
+        per_sample: Draw one box per sample (vectorised) instead of one per batch.
+        p: Probability a training batch is mixed.
+        off_pct: Final fraction of training without mixing.
+        off_epochs: Final number of epochs without mixing.
+
+    """
+
+    supports_dense = True
+
+    def __init__(
+        self,
+        alpha: Alpha = 1.0,
+        per_sample: bool = False,
+        p: float = 1.0,
+        *,
+        off_pct: float = 0.0,
+        off_epochs: int = 0,
+    ):
+        super().__init__(alpha, p, off_pct=off_pct, off_epochs=off_epochs)
+        self.per_sample = bool(per_sample)
+
+    def draw(self, x: Tensor) -> _Drawn:
+        """Paste one box per batch (or per sample) from the partners."""
+        res = mix_ops.cutmix(x, self.current_alpha(), per_sample=self.per_sample)
+        mask, perm = res.mask, res.perm
+        return _Drawn(res.x, perm, res.lam, lambda y: mix_ops.paste(y, perm, mask))
+
+
+class FMix(MixCallback):
+    """FMix: paste the partner through a binary mask made from low-frequency Fourier noise.
+
+    Harris et al. 2020, "FMix: Enhancing Mixed Sample Data Augmentation",
+    arXiv 2002.12047. λ is the exact kept fraction of the mask. Segmentation
+    masks are pasted through the same mask.
+
+    Args:
+        alpha: Beta(α, α) concentration of the mask's target area.
+        decay_power: Spectral decay; larger values give smoother, blobbier masks.
+        per_sample: One mask per sample instead of one per batch (costs a sort per sample).
+        p: Probability a training batch is mixed.
+        off_pct: Final fraction of training without mixing.
+        off_epochs: Final number of epochs without mixing.
+
+    """
+
+    supports_dense = True
+
+    def __init__(
+        self,
+        alpha: Alpha = 1.0,
+        decay_power: float = 3.0,
+        per_sample: bool = False,
+        p: float = 1.0,
+        *,
+        off_pct: float = 0.0,
+        off_epochs: int = 0,
+    ):
+        super().__init__(alpha, p, off_pct=off_pct, off_epochs=off_epochs)
+        self.decay_power = check_positive("decay_power", decay_power)
+        self.per_sample = bool(per_sample)
+
+    def draw(self, x: Tensor) -> _Drawn:
+        """Paste through a Fourier mask drawn on ``x``'s device."""
+        res = mix_ops.fmix(x, self.current_alpha(), self.decay_power, per_sample=self.per_sample)
+        mask, perm = res.mask, res.perm
+        return _Drawn(res.x, perm, res.lam, lambda y: mix_ops.paste(y, perm, mask))
+
+
+class ResizeMix(MixCallback):
+    """ResizeMix: paste a shrunken copy of the whole partner image.
+
+    Qin et al. 2020, "ResizeMix: Mixing Data with Preserved Object Information
+    and True Labels", arXiv 2012.11101. The patch's side ratio is drawn in
+    ``scale`` (uniformly for ``alpha=1``, the paper's choice) and
+    ``λ = 1 - patch area / (H * W)``. Segmentation masks are resized by nearest
+    neighbour and pasted at the same place.
+
+    Args:
+        scale: ``(lo, hi)`` range of the patch's side ratio, ``0 < lo <= hi <= 1``.
+        alpha: Beta(α, α) concentration of the ratio inside ``scale``.
+        p: Probability a training batch is mixed.
+        off_pct: Final fraction of training without mixing.
+        off_epochs: Final number of epochs without mixing.
+
+    """
+
+    supports_dense = True
+
+    def __init__(
+        self,
+        scale: tuple[float, float] = (0.1, 0.8),
+        alpha: Alpha = 1.0,
+        p: float = 1.0,
+        *,
+        off_pct: float = 0.0,
+        off_epochs: int = 0,
+    ):
+        super().__init__(alpha, p, off_pct=off_pct, off_epochs=off_epochs)
+        self.scale = mix_ops._check_scale(scale)
+
+    def draw(self, x: Tensor) -> _Drawn:
+        """Paste the partners, resized, at one place drawn for the batch."""
+        h, w = x.shape[-2:]
+        geometry = mix_ops.resizemix_geometry(h, w, self.scale, self.current_alpha())
+        perm = mix_ops.sample_permutation(x.shape[0], device=x.device)
+        ph, pw = geometry[2], geometry[3]
+        lam = torch.full((x.shape[0],), 1.0 - ph * pw / (h * w), dtype=torch.float32, device=x.device)
+        return _Drawn(
+            mix_ops.resize_paste(x, perm, geometry), perm, lam, lambda y: mix_ops.resize_paste(y, perm, geometry)
+        )
+
+
+# --- ManifoldMix -----------------------------------------------------------------------------------
+
+_RESIDUAL_BLOCKS = ("ResBlock", "BasicBlock", "Bottleneck")
+
+
+def find_residual_stages(model: nn.Module) -> list[nn.Module]:
+    """Find the top-level residual stages of fastai xresnet, torchvision resnet and timm models.
+
+    A timm model lists its stages in ``feature_info``; its stem (reduction < 4)
+    is skipped. Otherwise a stage is a container whose children are all residual
+    blocks (fastai ``ResBlock``, torchvision ``BasicBlock``/``Bottleneck``), not
+    nested in another such stage.
+
+    Args:
+        model: The model to search.
+
+    Returns:
+        The stage modules in forward order (empty if none is recognised).
+
+    """
+    for module in model.modules():
+        info = getattr(module, "feature_info", None)
+        if isinstance(info, (list, tuple)) and info and all(isinstance(i, dict) and "module" in i for i in info):
+            stages = [module.get_submodule(i["module"]) for i in info if i.get("reduction", 4) >= 4]
+            if stages:
+                return stages
+    stages: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        children = list(module.children())
+        if children and all(type(c).__name__ in _RESIDUAL_BLOCKS for c in children):
+            stages.append(module)
+            inside.update(id(m) for m in module.modules())
+    return stages
+
+
+class ManifoldMix(MixCallback):
+    """Manifold Mixup: blend hidden activations at a layer drawn per batch.
+
+    Verma et al. 2019, "Manifold Mixup: Better Representations by Interpolating
+    Hidden States", arXiv 1806.05236. Each batch draws one λ and one candidate:
+    the input, or the output of one residual stage (found automatically for
+    fastai xresnet, torchvision resnet and timm models, or given as
+    ``modules``). The hook that mixes a stage's output exists only during that
+    batch's forward pass.
+
+    Args:
+        alpha: Beta(α, α) concentration (the paper uses 2.0).
+        modules: Modules (or their dotted names in ``learn.model``) whose outputs
+            may be mixed; the input is always a candidate too. None finds the
+            residual stages.
+        p: Probability a training batch is mixed.
+        off_pct: Final fraction of training without mixing.
+        off_epochs: Final number of epochs without mixing.
+
+    """
+
+    _stateattrs = (*MixCallback._stateattrs, "_handles", "_candidates", "_token", "_fired")
+
+    def __init__(
+        self,
+        alpha: Alpha = 2.0,
+        modules: Sequence[nn.Module | str] | None = None,
+        p: float = 1.0,
+        *,
+        off_pct: float = 0.0,
+        off_epochs: int = 0,
+    ):
+        super().__init__(alpha, p, off_pct=off_pct, off_epochs=off_epochs)
+        if modules is not None:
+            modules = list(modules)
+            if not modules:
+                raise ValueError(f"modules must name at least one module, or be None to find stages, got {modules!r}")
+            for m in modules:
+                if not isinstance(m, (nn.Module, str)):
+                    raise TypeError(f"modules must hold nn.Module or str names, got {m!r} ({type(m).__name__})")
+        self.modules = modules
+        self.__dict__.update(_handles=[], _candidates=None, _token=None, _fired=False)
+
+    def _release(self) -> None:
+        super()._release()
+        for handle in self.__dict__.get("_handles", ()):
+            handle.remove()
+        self.__dict__.update(_handles=[], _token=None, _fired=False)
+
+    def _resolve(self) -> list[nn.Module]:
+        model = self.learn.model
+        if self.modules is None:
+            found = find_residual_stages(model)
+            if not found:
+                raise ValueError(
+                    f"ManifoldMix found no residual stages in {type(model).__name__}; pass modules=[...] "
+                    "(modules or dotted names of learn.model) to choose where to mix"
+                )
+            return found
+        owned = {id(m) for m in model.modules()}
+        out = []
+        for m in self.modules:
+            mod = model.get_submodule(m) if isinstance(m, str) else m
+            if id(mod) not in owned:
+                raise ValueError(f"modules must be submodules of learn.model, got {type(mod).__name__} {mod!r:.80}")
+            out.append(mod)
+        return out
+
+    def before_fit(self) -> None:
+        """Find the candidate layers of this fit's model."""
+        super().before_fit()
+        self.__dict__["_candidates"] = self._resolve()
+
+    def after_fit(self) -> None:
+        """Remove hooks and forget the candidate layers."""
+        super().after_fit()
+        self.__dict__["_candidates"] = None
+
+    def draw(self, x: Tensor) -> _Drawn:
+        """Draw λ and a layer; mix the input now, or arm a one-shot hook on the chosen stage."""
+        b = x.shape[0]
+        perm = mix_ops.sample_permutation(b, device=x.device)
+        lam = mix_ops.sample_lambda(1, self.current_alpha(), device=x.device).expand(b)
+        candidates = self.__dict__.get("_candidates")
+        if candidates is None:
+            candidates = self._resolve()
+            self.__dict__["_candidates"] = candidates
+        k = random.randrange(len(candidates) + 1)
+        if k == 0:
+            return _Drawn(mix_ops.lerp_batch(x, perm, lam), perm, lam)
+        self._arm(candidates[k - 1], perm, lam)
+        return _Drawn(None, perm, lam)
+
+    def _arm(self, module: nn.Module, perm: Tensor, lam: Tensor) -> None:
+        token = object()
+
+        def mix_output(mod: nn.Module, args: Any, output: Any) -> Any:
+            # Inert unless this exact training batch armed it; a stale hook removes itself.
+            if self.__dict__.get("_token") is not token or self.learn is None or not self.learn.training:
+                self._release()
+                return None
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"ManifoldMix can only mix a tensor output, {type(mod).__name__} returned {type(output)}"
+                )
+            self.__dict__["_fired"] = True
+            for handle in self.__dict__["_handles"][:1]:
+                handle.remove()
+            return mix_ops.lerp_batch(output, perm, lam)
+
+        def release_after_forward(mod: nn.Module, args: Any, output: Any) -> None:
+            for handle in self.__dict__.get("_handles", ()):
+                handle.remove()
+
+        self.__dict__["_token"] = token
+        self.__dict__["_handles"] = [
+            module.register_forward_hook(mix_output),
+            # always_call: runs even when the forward raises, so no hook outlives the forward pass.
+            self.learn.model.register_forward_hook(release_after_forward, always_call=True),
+        ]
+
+    def after_pred(self) -> None:
+        """Check the armed layer really ran, then remove the hooks."""
+        armed = self.__dict__.get("_token") is not None
+        fired = self.__dict__.get("_fired", False)
+        for handle in self.__dict__.get("_handles", ()):
+            handle.remove()
+        self.__dict__.update(_handles=[], _token=None)
+        if armed and not fired:
+            raise ValueError(
+                "ManifoldMix armed a module that the model's forward never called; pass modules=[...] "
+                "that are used in learn.model's forward"
+            )
+
+
+# --- RandomMix -------------------------------------------------------------------------------------
+
+
+class RandomMix(MixCallback):
+    """Pick one of several mixing callbacks per batch, like timm's ``switch_prob`` or fastxtend's CutMixUp.
+
+    The children are never attached to the learner: only their mixing recipe
+    (``draw`` and their own ``alpha``) is used. This callback's ``p``,
+    ``off_pct`` and ``off_epochs`` decide whether a batch is mixed; the
+    children's are ignored.
+
+    Args:
+        mixes: The mixing callbacks to choose from, e.g. ``[MixUp(), CutMix()]``.
+        probs: Relative weights of the choices (normalised); None means equal.
+        p: Probability a training batch is mixed.
+        off_pct: Final fraction of training without mixing.
+        off_epochs: Final number of epochs without mixing.
+
+    Note:
+        Assigning ``alpha`` assigns it to every child; reading it returns the
+        value last assigned (None until then).
+
+    """
+
+    def __init__(
+        self,
+        mixes: Sequence[MixCallback],
+        probs: Sequence[float] | None = None,
+        p: float = 1.0,
+        *,
+        off_pct: float = 0.0,
+        off_epochs: int = 0,
+    ):
+        mixes = list(mixes)
+        if not mixes:
+            raise ValueError(f"mixes must hold at least one mixing callback, got {mixes!r}")
+        for m in mixes:
+            if not isinstance(m, MixCallback):
+                raise TypeError(f"mixes must hold MixCallback instances, got {m!r} ({type(m).__name__})")
+        probs = check_probabilities("probs", [1.0] * len(mixes) if probs is None else probs, len(mixes))
+        # Before `mixes` exists the alpha setter assigns nothing, so the children keep their own alpha.
+        super().__init__(1.0, p, off_pct=off_pct, off_epochs=off_epochs)
+        self.mixes = mixes
+        self.probs = probs
+
+    @property
+    def alpha(self) -> Alpha | None:
+        """The α last assigned to every child (None until assigned)."""
+        return self.__dict__.get("_alpha")
+
+    @alpha.setter
+    def alpha(self, value: Alpha) -> None:
+        value = _check_alpha(value)
+        for m in self.__dict__.get("mixes", ()):
+            m.alpha = value
+        self.__dict__["_alpha"] = value if "mixes" in self.__dict__ else None
+
+    @MixCallback.learn.setter
+    def learn(self, value: Any) -> None:  # noqa: D102 - documented on MixCallback.learn
+        MixCallback.learn.fset(self, value)
+        for m in self.__dict__.get("mixes", ()):
+            m.learn = value
+
+    def _release(self) -> None:
+        super()._release()
+        for m in self.__dict__.get("mixes", ()):
+            m._release()
+
+    def _can_paste_dense(self) -> bool:
+        return all(m._can_paste_dense() for m in self.mixes)
+
+    def _draw_for_batch(self, x: Tensor) -> tuple[MixCallback, _Drawn]:
+        child = random.choices(self.mixes, weights=self.probs)[0]
+        return child, child.draw(x)
+
+    def draw(self, x: Tensor) -> _Drawn:
+        """Mix ``x`` with one child drawn by ``probs``."""
+        return self._draw_for_batch(x)[1]
+
+    def before_fit(self) -> None:
+        """Prepare every child (e.g. ManifoldMix finds its layers)."""
+        super().before_fit()
+        for m in self.mixes:
+            m.before_fit()
+
+    def after_pred(self) -> None:
+        """Let the child that mixed this batch check and remove its hooks."""
+        batch = self.__dict__.get("_batch")
+        if batch is not None and batch.source is not self:
+            batch.source.after_pred()
+
+    def after_fit(self) -> None:
+        """Let every child forget what it held."""
+        super().after_fit()
+        for m in self.mixes:
+            m.after_fit()
+
+
+# --- pictures --------------------------------------------------------------------------------------
+
+
+def show_mix_batch(dls: Any, mix: MixCallback, n: int = 9, *, figsize: tuple[float, float] | None = None) -> Any:
+    """Draw a mixed training batch with each image's two labels and λ.
+
+    Like the mixup figure of the fastbook, each title reads
+    ``own label λ / partner label 1-λ``. ManifoldMix mixes hidden layers, so its
+    picture shows input-level mixing with its λ. For segmentation data the
+    pasted region is outlined by the mixed mask drawn over the image.
+
+    Args:
+        dls: fastai ``DataLoaders``; one training batch is drawn from ``dls.train``.
+        mix: Any mixing callback of this module.
+        n: Number of images to show (at most the batch size).
+        figsize: Matplotlib figure size; chosen from ``n`` when None.
+
+    Returns:
+        The matplotlib figure.
+
+    """
+    import math
+
+    import matplotlib.pyplot as plt
+
+    if not isinstance(mix, MixCallback):
+        raise TypeError(f"mix must be a MixCallback, got {mix!r} ({type(mix).__name__})")
+    n = check_positive_int("n", n)
+    batch = dls.train.one_batch()
+    n_inp = getattr(dls.train, "n_inp", 1)
+    x, yb = batch[0], batch[n_inp:]
+    child = mix
+    if isinstance(mix, RandomMix):
+        child = random.choices(mix.mixes, weights=mix.probs)[0]
+    if x.shape[0] < 2:
+        drawn = _Drawn(x, torch.arange(x.shape[0], device=x.device), torch.ones(x.shape[0], device=x.device))
+    elif isinstance(child, ManifoldMix):
+        perm = mix_ops.sample_permutation(x.shape[0], device=x.device)
+        lam = mix_ops.sample_lambda(1, child.current_alpha(), device=x.device).expand(x.shape[0])
+        drawn = _Drawn(mix_ops.lerp_batch(x, perm, lam), perm, lam)
+    else:
+        drawn = child.draw(x)
+    y = yb[0] if yb else None
+    dense = y is not None and _is_dense(x, y)
+    y_mixed = _retain_type(drawn.paste_dense(y), y) if dense and drawn.paste_dense is not None else y
+    decoded = dls.train.decode((_retain_type(drawn.x, x), y_mixed) if y is not None else (_retain_type(drawn.x, x),))
+    images = decoded[0]
+    vocab = getattr(dls, "vocab", None)
+
+    def label(i: int) -> str:
+        if y is None or dense:
+            return ""
+        yi = y[i]
+        if yi.dim() == 0 and not yi.is_floating_point():
+            idx = int(yi)
+            name = str(vocab[idx]) if vocab is not None and idx < len(vocab) else str(idx)
+            return IMAGENETTE_CLASSES.get(name, name)
+        on = (yi > 0.5).nonzero().flatten().tolist()
+        names = [str(vocab[j]) if vocab is not None and j < len(vocab) else str(j) for j in on]
+        return ",".join(names) or "-"
+
+    n = min(n, images.shape[0])
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=figsize or (3 * cols, 3 * rows), squeeze=False)
+    perm, lam = drawn.perm.cpu().tolist(), drawn.lam.float().cpu().tolist()
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = images[i].float().cpu()
+        img = img.permute(1, 2, 0) if img.dim() == 3 else img
+        ax.imshow(img.clamp(0, 1).squeeze().numpy() if img.max() <= 1 else img.squeeze().numpy().astype("uint8"))
+        if dense:
+            ax.imshow(y_mixed[i].cpu().numpy(), alpha=0.4, cmap="tab10", interpolation="nearest")
+            ax.set_title(f"λ={lam[i]:.2f}", fontsize=9)
+        else:
+            ax.set_title(f"{label(i)} {lam[i]:.2f} / {label(perm[i])} {1 - lam[i]:.2f}", fontsize=9)
+    fig.suptitle(f"{type(child).__name__}", fontsize=11)
+    fig.tight_layout()
+    return fig
