@@ -7,6 +7,7 @@ combines them.
 
 __version__ = "0.1.0"
 
+from . import mix_ops
 from .data import (
     IMAGENETTE_CLASSES,
     IMAGENETTE_WNIDS,
@@ -14,8 +15,43 @@ from .data import (
     imagenette_path,
     make_fake_imagenette,
 )
+from .mixing import (
+    CutMix,
+    FMix,
+    ManifoldMix,
+    MixCallback,
+    MixUp,
+    RandomMix,
+    ResizeMix,
+    find_residual_stages,
+    show_mix_batch,
+)
+from .resizing import (
+    ProgressiveResize,
+    initial_pixels,
+    mix_alpha_at,
+    resize_schedule,
+    schedule_progress,
+    size_at,
+)
 
 __all__ = [
+    "CutMix",
+    "FMix",
+    "ManifoldMix",
+    "MixCallback",
+    "MixUp",
+    "ProgressiveResize",
+    "RandomMix",
+    "ResizeMix",
+    "find_residual_stages",
+    "initial_pixels",
+    "mix_alpha_at",
+    "mix_ops",
+    "resize_schedule",
+    "schedule_progress",
+    "show_mix_batch",
+    "size_at",
     "IMAGENETTE_CLASSES",
     "IMAGENETTE_WNIDS",
     "DataUnavailableError",

@@ -56,6 +56,7 @@ IMAGENETTE_CLASSES: dict[str, str] = dict(
             "golf ball",
             "parachute",
         ),
+        strict=True,
     )
 )
 
@@ -75,7 +76,10 @@ _Painter = Callable[[ImageDraw.ImageDraw, np.random.Generator, tuple[float, floa
 
 
 def _polygon(cx: float, cy: float, r: float, n: int, phase: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(phase + 2 * math.pi * k / n), cy + r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (cx + r * math.cos(phase + 2 * math.pi * k / n), cy + r * math.sin(phase + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 def _paint_disc(d, rng, c, r, col):

@@ -37,8 +37,8 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path):
     c = make_fake_imagenette(tmp_path / "c", n_train=2, n_valid=1, size=32, seed=4)
     fa, fb, fc = _files(a), _files(b), _files(c)
     assert [f.relative_to(a) for f in fa] == [f.relative_to(b) for f in fb]
-    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb))
-    assert any(x.read_bytes() != z.read_bytes() for x, z in zip(fa, fc))
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb, strict=True))
+    assert any(x.read_bytes() != z.read_bytes() for x, z in zip(fa, fc, strict=True))
 
 
 def test_images_have_varied_sizes_and_aspect_ratios(tmp_path):
@@ -56,7 +56,10 @@ def test_classes_are_visually_distinct_on_average(tmp_path):
     root = make_fake_imagenette(tmp_path, n_train=8, n_valid=1, size=32)
     means = []
     for wnid in IMAGENETTE_WNIDS:
-        arrs = [np.asarray(Image.open(f).convert("RGB").resize((16, 16)), dtype=np.float64) for f in (root / "train" / wnid).iterdir()]
+        arrs = [
+            np.asarray(Image.open(f).convert("RGB").resize((16, 16)), dtype=np.float64)
+            for f in (root / "train" / wnid).iterdir()
+        ]
         means.append(np.mean(arrs, axis=0))
     dists = [np.abs(means[i] - means[j]).mean() for i in range(10) for j in range(i + 1, 10)]
     assert min(dists) > 1.0
