@@ -15,6 +15,16 @@ from .data import (
     imagenette_path,
     make_fake_imagenette,
 )
+from .distributed import (
+    broadcast_object,
+    cpu_ddp,
+    cpu_ddp_enabled,
+    disable_cpu_ddp,
+    enable_cpu_ddp,
+    gather_objects,
+    is_distributed,
+    rank_and_world,
+)
 from .mixing import (
     CutMix,
     FMix,
@@ -36,6 +46,14 @@ from .resizing import (
 )
 
 __all__ = [
+    "broadcast_object",
+    "cpu_ddp",
+    "cpu_ddp_enabled",
+    "disable_cpu_ddp",
+    "enable_cpu_ddp",
+    "gather_objects",
+    "is_distributed",
+    "rank_and_world",
     "CutMix",
     "FMix",
     "ManifoldMix",
