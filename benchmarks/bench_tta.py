@@ -1,0 +1,180 @@
+"""Benchmark: FourCornerTTA (decode once, V views in one pass) against fastai's ``learn.tta``.
+
+One model (xresnet18 by default) is trained briefly on generated Imagenette-like data at 64 px,
+then predictions on one validation set are timed for:
+
+* plain ``get_preds``;
+* fastai's ``learn.tta(n=4, beta=0.25)`` (n + 1 = 5 DataLoader passes);
+* ``FourCornerTTA`` with 5 views (four corners and center);
+* ten-crop (``flip=True``);
+* ``learn.four_corner_tta(beta=0.25)`` (5 views plus the plain view, blended like ``learn.tta``).
+
+Two costs are measured separately: **D**, one pass of the validation DataLoader (decode, item and
+batch transforms) with no model, and **M**, one pass of the model over cached batches. For a method
+that shows the model V views of every image, the ideal time is D + V*M. Images decoded per image
+is counted by wrapping ``PIL.Image.open``.
+
+Usage::
+
+    python benchmarks/bench_tta.py            # full run, a few minutes on a 2-core CPU
+    python benchmarks/bench_tta.py --quick    # smaller data and training, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastai.vision.all import (  # noqa: E402
+    CrossEntropyLossFlat,
+    ImageDataLoaders,
+    Learner,
+    Normalize,
+    Resize,
+    accuracy,
+    aug_transforms,
+    imagenet_stats,
+    xresnet18,
+    xresnet34,
+)
+
+import fastai_tricks.tta  # noqa: E402, F401 - patches Learner.four_corner_tta
+from fastai_tricks.data import make_fake_imagenette  # noqa: E402
+from fastai_tricks.tta import FourCornerTTA  # noqa: E402
+
+_OPENS = [0]
+_real_open = PIL.Image.open
+
+
+def _counting_open(*args, **kwargs):
+    _OPENS[0] += 1
+    return _real_open(*args, **kwargs)
+
+
+def _timed(fn, repeats: int):
+    """Run ``fn`` ``repeats`` times; return (its last result, median seconds, PIL opens per run)."""
+    times, opens, res = [], [], None
+    for _ in range(repeats):
+        _OPENS[0] = 0
+        start = time.perf_counter()
+        res = fn()
+        times.append(time.perf_counter() - start)
+        opens.append(_OPENS[0])
+    return res, statistics.median(times), statistics.median(opens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small data, short training, one repeat")
+    parser.add_argument("--arch", choices=["xresnet18", "xresnet34"], default="xresnet18")
+    parser.add_argument("--size", type=int, default=64, help="training and validation resolution")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--n-train", type=int, default=None, help="training images per class")
+    parser.add_argument("--n-valid", type=int, default=None, help="validation images per class")
+    parser.add_argument("--bs", type=int, default=64, help="batch size of the timed predictions")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    epochs = args.epochs or (2 if args.quick else 5)
+    n_train = args.n_train or (20 if args.quick else 40)
+    n_valid = args.n_valid or (10 if args.quick else 20)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_tta_"))
+    # Images a little larger than the model input, so the training crop is really random.
+    path = make_fake_imagenette(tmp, n_train=n_train, n_valid=n_valid, size=args.size * 5 // 4, seed=args.seed)
+    dls = ImageDataLoaders.from_folder(
+        path,
+        valid="val",
+        bs=32,  # small batches: more steps in a short training
+        num_workers=0,
+        seed=args.seed,
+        item_tfms=Resize(args.size),
+        batch_tfms=[*aug_transforms(max_warp=0.0), Normalize.from_stats(*imagenet_stats)],
+    )
+    arch = {"xresnet18": xresnet18, "xresnet34": xresnet34}[args.arch]
+    learn = Learner(dls, arch(n_out=dls.c), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    start = time.perf_counter()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, 4e-3)
+    train_s = time.perf_counter() - start
+
+    PIL.Image.open = _counting_open
+    try:
+        rows = _measure(learn, repeats, args.bs)
+    finally:
+        PIL.Image.open = _real_open
+
+    n_img = len(dls.valid_ds)
+    print(
+        f"\n{args.arch} at {args.size} px, {n_img} validation images, bs {args.bs}, "
+        f"{torch.get_num_threads()} threads, trained {epochs} epochs in {train_s:.0f} s; median of {repeats} run(s)\n"
+    )
+    d, m = rows.pop("D"), rows.pop("M")
+    print(f"D (decode + augment, one pass) = {d:.2f} s; M (model, one pass) = {m:.2f} s; M/D = {m / d:.1f}\n")
+    plain_t = rows["plain get_preds"]["time"]
+    print("| method | views V | time (s) | time / plain | time / (D + V·M) | decodes per image | accuracy |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        ideal = d + r["views"] * m
+        print(
+            f"| {name} | {r['views']} | {r['time']:.2f} | {r['time'] / plain_t:.2f} | {r['time'] / ideal:.2f} "
+            f"| {r['opens'] / n_img:.2f} | {r['acc']:.4f} |"
+        )
+
+
+def _measure(learn: Learner, repeats: int, bs: int) -> dict:
+    dl = learn.dls.valid.new(shuffle=False, drop_last=False, bs=bs)
+    rows: dict = {}
+
+    def one_pass():
+        return [b for b in dl]
+
+    batches, rows["D"], _ = _timed(one_pass, repeats)
+    model = learn.model.eval()
+    # Warm up (allocator, oneDNN kernels for both batch shapes) so the first timed method is not penalised.
+    with torch.no_grad(), learn.no_bar():
+        model(batches[0][0])
+        learn.get_preds(dl=dl, cbs=FourCornerTTA())
+
+    def model_pass():
+        with torch.no_grad():
+            for xb, _ in batches:
+                model(xb)
+
+    _, rows["M"], _ = _timed(model_pass, repeats)
+
+    def acc(preds_targs):
+        preds, targs = preds_targs
+        return (preds.argmax(1) == targs).float().mean().item()
+
+    methods = {
+        "plain get_preds": (1, lambda: learn.get_preds(dl=dl)),
+        "fastai learn.tta(n=4, beta=0.25)": (5, lambda: learn.tta(dl=dl, n=4, beta=0.25)),
+        "FourCornerTTA, 5 views": (5, lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA())),
+        "FourCornerTTA, ten-crop": (10, lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA(flip=True))),
+        "four_corner_tta(beta=0.25), 5 views + plain": (6, lambda: learn.four_corner_tta(dl=dl, beta=0.25)),
+    }
+    with learn.no_bar():
+        for name, (views, fn) in methods.items():
+            res, t, opens = _timed(fn, repeats)
+            rows[name] = {"views": views, "time": t, "opens": opens, "acc": acc(res)}
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""Four-corner (five-crop and ten-crop) test-time augmentation that decodes each image once.
+
+The fastbook chapter on training a state-of-the-art model ends with a research
+exercise: crop an image to a square in each of its four corners, average the
+predictions on those crops and on a center crop, and compare with fastai's own
+``learn.tta``. This module is that tool, built so that it costs as little as
+possible:
+
+* :func:`four_corner_crops` and :func:`expand_views` are pure tensor functions
+  that turn a batch into its views;
+* :func:`merge_views` is the pure function that turns per-view outputs back into
+  one prediction per image;
+* :class:`FourCornerTTA` is a thin fastai callback that expands a validation
+  batch in ``before_batch`` and merges in ``after_pred``, so the DataLoader
+  decodes and augments every image once, whatever the number of views, and the
+  loss and metrics see the merged prediction;
+* ``Learner.four_corner_tta`` is the ``learn.tta``-style convenience method.
+
+Multi-crop evaluation goes back to Krizhevsky et al., "ImageNet Classification
+with Deep Convolutional Neural Networks" (NeurIPS 2012, ten-crop) and Simonyan &
+Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition"
+(arXiv:1409.1556); the exercise is from Howard & Gugger, "Deep Learning for
+Coders with fastai and PyTorch", chapter 7 (fastai: arXiv:2002.04688).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastcore.basics import getcallable, patch
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+
+from ._checks import check_choice, check_fraction, check_positive_int
+
+__all__ = [
+    "MERGE_MODES",
+    "FourCornerTTA",
+    "expand_views",
+    "four_corner_crops",
+    "merge_views",
+    "view_names",
+]
+
+#: The ways :func:`merge_views` can combine the outputs of the views of one image.
+MERGE_MODES: tuple[str, ...] = ("mean", "logits", "gmean", "max")
+
+_ACTIVATIONS = ("softmax", "sigmoid", None)
+_CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+# --- pure functions --------------------------------------------------------------------------------
+
+
+def _crop_side(size: int | float, height: int, width: int) -> int:
+    """Side in pixels of the square crop ``size`` (int pixels or float fraction) on a ``height`` x ``width`` image."""
+    short = min(height, width)
+    if isinstance(size, int):
+        side = size
+    else:
+        # A fraction of the short side; at least one pixel so tiny images still give a crop.
+        side = max(1, int(round(size * short)))
+    if side > short:
+        raise ValueError(
+            f"crop size {size!r} gives a {side}x{side} crop, bigger than the {height}x{width} image "
+            f"(the crop side must be at most the short side, {short} px)"
+        )
+    return side
+
+
+def _check_crop(name: str, size: object) -> int | float:
+    """Validate a crop size: an int >= 1 (pixels) or a float in (0, 1] (fraction of the short side)."""
+    if isinstance(size, bool) or not isinstance(size, Real):
+        raise TypeError(f"{name} must be an int (pixels) or a float in (0, 1], got {size!r} ({type(size).__name__})")
+    if isinstance(size, int):
+        return check_positive_int(name, size)
+    return check_fraction(name, size, low=0.0, high=1.0, low_inclusive=False)
+
+
+def _check_batch(x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be a batch of images of shape (B, C, H, W), got shape {tuple(x.shape)}")
+    return x
+
+
+def four_corner_crops(x: Tensor, size: int | float) -> Tensor:
+    """Crop every image of a batch to a square in each of its four corners and in its center.
+
+    Args:
+        x: A batch of images, shape :math:`(B, C, H, W)`; any dtype, device and memory format.
+        size: Side of the square crops: an ``int`` number of pixels, or a ``float`` in (0, 1]
+            giving the side as a fraction of ``min(H, W)`` (rounded, at least one pixel).
+
+    Returns:
+        A tensor of shape :math:`(5, B, C, s, s)` holding, in torchvision's ``five_crop`` order,
+        the top-left, top-right, bottom-left, bottom-right and center crops. The center crop's
+        offset is rounded like torchvision's ``center_crop``.
+
+    Raises:
+        ValueError: ``x`` is not 4-D, ``size`` is out of range, or the crop is bigger than the image
+            (the message names both sizes).
+
+    Example:
+        >>> x = torch.arange(25.0).view(1, 1, 5, 5)
+        >>> four_corner_crops(x, 1).flatten().tolist()
+        [0.0, 4.0, 20.0, 24.0, 12.0]
+
+    """
+    x = _check_batch(x)
+    side = _crop_side(_check_crop("size", size), x.shape[-2], x.shape[-1])
+    return torch.stack(TF.five_crop(x, [side, side]))
+
+
+def view_names(*, crop: bool = True, center: bool = True, flip: bool = False, full: bool = False) -> list[str]:
+    """Names of the views :func:`expand_views` returns, in the same order.
+
+    Args:
+        crop: Whether the crop views (four corners, and center if ``center``) are present.
+        center: Whether the center crop is present.
+        flip: Whether every view is followed, after all the unflipped views, by its mirror image.
+        full: Whether the whole image is a view.
+
+    Returns:
+        For example ``['top_left', 'top_right', 'bottom_left', 'bottom_right', 'center']``.
+
+    """
+    names = [*_CORNERS, *(["center"] if center else [])] if crop else []
+    names += ["full"] if full else []
+    return names + [f"{n}_flipped" for n in names] if flip else names
+
+
+def expand_views(
+    x: Tensor,
+    crop: int | float | None = 0.875,
+    *,
+    center: bool = True,
+    flip: bool = False,
+    full: bool = False,
+    resize: bool = True,
+) -> list[Tensor]:
+    """Expand a batch of images into its test-time views.
+
+    Args:
+        x: A batch of images, shape :math:`(B, C, H, W)`.
+        crop: Side of the square corner and center crops (see :func:`four_corner_crops`), or None
+            for no crops.
+        center: Include the center crop.
+        flip: Follow the unflipped views with the horizontal mirror of each (ten-crop with ``center``).
+        full: Include the whole image, unchanged.
+        resize: Resize each crop to :math:`(m, m)` with ``m = min(H, W)`` (bilinear), so the model
+            sees objects at the scale of the crop but images at its input resolution. For a
+            square input this is the input size.
+
+    Returns:
+        One tensor per view, each :math:`(B, C, h, w)`, in the order of :func:`view_names`. The crops
+        share one shape; the full view keeps :math:`(H, W)`, so on non-square inputs (or with
+        ``resize=False``) it has a shape of its own.
+
+    Raises:
+        ValueError: no view is left, ``x`` is not 4-D, or the crop is bigger than the image.
+
+    """
+    x = _check_batch(x)
+    if crop is None and not full:
+        raise ValueError("no views left: crop is None (no corner or center crops) and full is False")
+    views: list[Tensor] = []
+    if crop is not None:
+        crops = four_corner_crops(x, crop)
+        if not center:
+            crops = crops[:4]
+        n, b, c, s, _ = crops.shape
+        if resize:
+            short = min(x.shape[-2], x.shape[-1])
+            if short != s:
+                crops = _resize(crops.reshape(n * b, c, s, s), short).reshape(n, b, c, short, short)
+        views += list(crops.unbind(0))
+    if full:
+        views.append(x)
+    if flip:
+        views += [v.flip(-1) for v in views]
+    return views
+
+
+def _resize(x: Tensor, side: int) -> Tensor:
+    """Bilinear resize of a batch to ``side`` x ``side``, keeping dtype and memory format."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # interpolate has no bilinear kernel for integer images; go through float and come back.
+    y = x if x.is_floating_point() else x.float()
+    y = F.interpolate(y, size=(side, side), mode="bilinear", align_corners=False)
+    if not x.is_floating_point():
+        y = y.round().clamp(torch.iinfo(x.dtype).min, torch.iinfo(x.dtype).max).to(x.dtype)
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+
+def merge_views(preds: Tensor, mode: str = "mean", activation: str | None = "softmax") -> Tensor:
+    """Merge the outputs of the views of each image into one prediction per image.
+
+    Every mode returns raw scores (logits) on the scale the loss function expects, so a
+    cross-entropy or BCE-with-logits loss and fastai's ``get_preds`` activation work unchanged:
+
+    * ``'mean'``: mean of the probabilities. Softmax: ``log(mean_v softmax(z_v))`` (log-probabilities,
+      which ``log_softmax`` leaves unchanged); sigmoid: ``logit(mean_v sigmoid(z_v))``.
+    * ``'logits'``: mean of the raw outputs, ``mean_v z_v``. The only mode without an activation
+      (regression).
+    * ``'gmean'``: geometric mean of the probabilities, renormalised: ``log_softmax(mean_v log_softmax(z_v))``,
+      which is the same distribution as ``'logits'`` gives after the softmax; for a sigmoid the
+      renormalised geometric mean of ``p`` and ``1 - p`` is again ``mean_v z_v``.
+    * ``'max'``: per class, the largest probability over the views, renormalised (softmax) or
+      ``max_v z_v`` (sigmoid, which is monotonic).
+
+    Args:
+        preds: Outputs of shape :math:`(V, B, ...)`, view first; classes on the last dimension.
+        mode: One of :data:`MERGE_MODES`.
+        activation: The activation that turns outputs into probabilities: ``'softmax'``
+            (single-label), ``'sigmoid'`` (multi-label) or None (raw outputs: only ``'logits'``).
+
+    Returns:
+        A float32 tensor of shape :math:`(B, ...)`.
+
+    Raises:
+        ValueError: unknown ``mode`` or ``activation``, a probability mode without an activation,
+            or ``preds`` with fewer than 2 dimensions.
+
+    """
+    check_choice("mode", mode, MERGE_MODES)
+    check_choice("activation", activation, _ACTIVATIONS)
+    if not isinstance(preds, Tensor) or preds.ndim < 2:
+        shape = tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__
+        raise ValueError(f"preds must have shape (V, B, ...) with the views first, got {shape}")
+    if activation is None and mode != "logits":
+        raise ValueError(
+            f"mode={mode!r} merges probabilities, which needs activation='softmax' or 'sigmoid'; "
+            "raw outputs (regression) can only be merged with mode='logits'"
+        )
+    # Low-precision outputs would lose the small differences between views; merge in float32.
+    z = preds.float()
+    n_views = z.shape[0]
+    if mode == "logits" or (mode == "gmean" and activation == "sigmoid"):
+        return z.mean(0)
+    if activation == "softmax":
+        logp = z.log_softmax(-1)
+        if mode == "mean":
+            return logp.logsumexp(0) - math.log(n_views)
+        if mode == "gmean":
+            return logp.mean(0).log_softmax(-1)
+        return logp.max(0).values.log_softmax(-1)
+    # Sigmoid: logit(mean p) = log(mean p) - log(mean (1 - p)), each a stable logsumexp of logsigmoids.
+    if mode == "mean":
+        return F.logsigmoid(z).logsumexp(0) - F.logsigmoid(-z).logsumexp(0)
+    return z.max(0).values
+
+
+def _activation_kind(loss_func: object) -> str | None:
+    """'softmax', 'sigmoid' or None: the activation that turns the model's outputs into probabilities."""
+    base = getattr(loss_func, "func", loss_func)  # fastai's BaseLoss wraps the torch loss as .func
+    if isinstance(base, nn.CrossEntropyLoss) or base is F.cross_entropy:
+        return "softmax"
+    if isinstance(base, nn.BCEWithLogitsLoss) or base is F.binary_cross_entropy_with_logits:
+        return "sigmoid"
+    act = getcallable(loss_func, "activation")
+    # Other losses (label smoothing, focal, ...) declare their activation; probe it once, on a tiny tensor.
+    probe = torch.tensor([[0.3, -1.2, 2.0], [1.0, 0.5, -0.5]])
+    try:
+        out = act(probe)
+    except Exception:  # noqa: BLE001 - an activation that cannot take a (2, 3) batch is not one we know.
+        return None
+    if not isinstance(out, Tensor) or out.shape != probe.shape:
+        return None
+    if torch.allclose(out, probe.softmax(-1), atol=1e-5):
+        return "softmax"
+    if torch.allclose(out, probe.sigmoid(), atol=1e-5):
+        return "sigmoid"
+    return None
+
+
+# --- the callback ----------------------------------------------------------------------------------
+
+
+class FourCornerTTA(Callback):
+    """Test-time augmentation over four corner crops, the center crop and their flips, in one pass.
+
+    Outside training (``validate``, ``get_preds``, ``predict``, and the validation phase of ``fit``
+    if it is attached to the learner), each batch is expanded in ``before_batch`` into its views:
+    the four corner crops, the center crop if ``center``, the whole image if ``full``, and the
+    mirror image of each if ``flip`` (``flip=True`` with the defaults is ten-crop). All views go
+    through the model as one larger batch, or in chunks of at most ``max_views_per_batch`` views,
+    and ``after_pred`` merges them back to one prediction per image with :func:`merge_views`.
+    Because the views are cut from the decoded batch, each image is opened and augmented once,
+    where fastai's ``learn.tta(n=4)`` runs the DataLoader five times. The loss and the metrics
+    see the merged prediction and the untouched targets, so ``learn.validate(cbs=FourCornerTTA())``
+    reports TTA metrics and ``learn.get_preds(cbs=FourCornerTTA())`` returns merged predictions
+    of the usual shape. Training batches are never touched.
+
+    The probability modes (``'mean'``, ``'gmean'``, ``'max'``) need a loss whose activation is a
+    softmax (cross-entropy, label smoothing, focal) or a sigmoid (BCE with logits); for a
+    regression model use ``merge='logits'``. Spatial outputs or targets (segmentation masks,
+    points, boxes) are refused with a ValueError: a crop would have to be pasted back in place.
+
+    Multi-crop evaluation: Krizhevsky et al., NeurIPS 2012 (ten-crop); Simonyan & Zisserman,
+    arXiv:1409.1556. The exercise: Howard & Gugger, fastbook chapter 7 (arXiv:2002.04688).
+
+    Args:
+        crop: Side of the square crops: a float in (0, 1] is a fraction of the short side of the
+            input, an int is pixels. None switches the corner and center crops off (then ``full``
+            must be True, e.g. flip-only TTA). A crop bigger than the input raises at the first batch.
+        flip: Add the horizontal mirror of every view.
+        center: Add the center crop to the four corners.
+        full: Add the whole, uncropped input.
+        resize: Resize the crops back to the short side of the input, which is the input size
+            for square inputs, so the model sees its training resolution.
+        merge: How to merge the views, one of :data:`MERGE_MODES` (see :func:`merge_views`).
+        max_views_per_batch: At most this many views of a batch go through the model at once
+            (None: all together). Lower it when the expanded batch does not fit in memory.
+
+    """
+
+    # After GatherPredsCallback (order 0), so get_preds(with_input=True) records the original batch,
+    # and before MixedPrecision (order 10), so the extra chunks run inside its autocast region.
+    order = MixedPrecision.order - 1
+    run_train = False
+    _stateattrs = ("_batch", "_plain")
+
+    def __init__(
+        self,
+        crop: int | float | None = 0.875,
+        flip: bool = False,
+        center: bool = True,
+        full: bool = False,
+        resize: bool = True,
+        merge: str = "mean",
+        max_views_per_batch: int | None = None,
+    ):
+        super().__init__()
+        self.crop = None if crop is None else _check_crop("crop", crop)
+        self.flip, self.center, self.full, self.resize = bool(flip), bool(center), bool(full), bool(resize)
+        if self.crop is None and not self.full:
+            raise ValueError("no views left: crop=None switches the corner and center crops off, and full=False")
+        self.merge = check_choice("merge", merge, MERGE_MODES)
+        if max_views_per_batch is not None:
+            check_positive_int("max_views_per_batch", max_views_per_batch)
+        self.max_views_per_batch = max_views_per_batch
+        # Set by Learner.four_corner_tta(beta=...): also keep the plain (uncropped) prediction.
+        self.keep_plain = False
+        self._init_state()
+
+    def _init_state(self) -> None:
+        super()._init_state()
+        self._batch: dict | None = None
+        self._plain: list[Tensor] = []
+        self._act: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Attribute name on the learner; not ``four_corner_tta``, which is the patched method."""
+        return "four_corner_tta_cb"
+
+    @property
+    def views(self) -> list[str]:
+        """Names of the views, in the order they go through the model."""
+        return view_names(crop=self.crop is not None, center=self.center, flip=self.flip, full=self.full)
+
+    @property
+    def plain_preds(self) -> Tensor | None:
+        """Raw outputs on the uncropped inputs of the last run, if ``keep_plain`` was set."""
+        return torch.cat(self._plain) if self._plain else None
+
+    def before_validate(self) -> None:
+        """Check the learner once per validation pass; find the loss's activation."""
+        others = [cb for cb in self.learn.cbs if isinstance(cb, FourCornerTTA) and cb is not self]
+        if others:
+            raise ValueError("more than one FourCornerTTA is attached to the learner; each would expand the batch")
+        self._act = _activation_kind(self.learn.loss_func)
+        if self._act is None and self.merge != "logits":
+            raise ValueError(
+                f"merge={self.merge!r} averages probabilities, but learn.loss_func ({self.learn.loss_func!r}) has no "
+                "softmax or sigmoid activation; use merge='logits' (mean of raw outputs) for regression"
+            )
+        self._batch, self._plain = None, []
+
+    def before_batch(self) -> None:
+        """Replace the batch by its views (the first chunk of them when chunked)."""
+        self._batch = None
+        xb = self.learn.xb
+        if len(xb) != 1:
+            raise ValueError(f"FourCornerTTA needs a model with a single image input, got {len(xb)} inputs")
+        x = xb[0]
+        _check_batch(x)
+        yb = self.learn.yb
+        if len(yb) and isinstance(yb[0], Tensor) and yb[0].ndim >= 3:
+            raise ValueError(
+                f"FourCornerTTA merges one prediction per image, but the targets have shape {tuple(yb[0].shape)}: "
+                "spatial targets (segmentation masks, points, boxes) would have to be cropped and pasted back"
+            )
+        views = expand_views(x, self.crop, center=self.center, flip=self.flip, full=self.full, resize=self.resize)
+        n_merged = len(views)
+        plain_idx = None
+        if self.keep_plain:
+            if self.full:
+                plain_idx = self.views.index("full")
+            else:
+                plain_idx = len(views)
+                views.append(x)
+        chunks = _chunk(views, self.max_views_per_batch)
+        self._batch = {"xb": xb, "bs": x.shape[0], "rest": chunks[1:], "n_merged": n_merged, "plain_idx": plain_idx}
+        self.learn.xb = (chunks[0],)
+
+    def after_pred(self) -> None:
+        """Run the remaining chunks, merge the views, and put the original batch back."""
+        state, self._batch = self._batch, None
+        if state is None:
+            return
+        pred = self.learn.pred
+        if not isinstance(pred, Tensor):
+            raise TypeError(f"FourCornerTTA needs a model returning one tensor, got {type(pred).__name__}")
+        if pred.ndim > 2:
+            raise ValueError(
+                f"FourCornerTTA merges one prediction per image, but the model output has shape {tuple(pred.shape)}: "
+                "dense outputs (segmentation) would have to be cropped and pasted back"
+            )
+        outs = [pred, *(self.learn.model(chunk) for chunk in state["rest"])]
+        out = torch.cat(outs) if len(outs) > 1 else pred
+        out = out.reshape(-1, state["bs"], *pred.shape[1:])
+        if state["plain_idx"] is not None:
+            self._plain.append(self.learn.to_detach(out[state["plain_idx"]]))
+        merged = merge_views(out[: state["n_merged"]], self.merge, self._act)
+        self.learn.pred = merged.to(pred.dtype)
+        self.learn.xb = state["xb"]
+
+    def after_cancel_validate(self) -> None:
+        """Drop any half-processed batch."""
+        self._batch = None
+
+
+def _chunk(views: list[Tensor], max_views: int | None) -> list[Tensor]:
+    """Concatenate consecutive views of equal shape, at most ``max_views`` at a time, along the batch."""
+    chunks: list[list[Tensor]] = []
+    for v in views:
+        last = chunks[-1] if chunks else None
+        if last is not None and last[0].shape == v.shape and (max_views is None or len(last) < max_views):
+            last.append(v)
+        else:
+            chunks.append([v])
+    return [torch.cat(c) if len(c) > 1 else c[0] for c in chunks]
+
+
+# --- convenience method ----------------------------------------------------------------------------
+
+
+@patch
+def four_corner_tta(
+    self: Learner,
+    ds_idx: int = 1,
+    dl: DataLoader | None = None,
+    beta: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """Predictions on ``ds_idx`` or ``dl`` with :class:`FourCornerTTA`, like ``learn.tta``.
+
+    One pass over the data: each image is decoded once, and its views (and, with ``beta``, the
+    plain uncropped input) go through the model together. A fastprogress bar runs over the
+    batches when the learner has its ``ProgressCallback`` (hide it with ``learn.no_bar()``).
+
+    Args:
+        self: The Learner (this is a method patched onto ``Learner``).
+        ds_idx: Which of ``self.dls`` to predict on when ``dl`` is None (1: validation).
+        dl: A DataLoader to predict on, e.g. ``learn.dls.test_dl(files)``; it is read in order.
+        beta: None returns the TTA prediction. A float in [0, 1] blends it with the plain
+            prediction as ``learn.tta`` does: ``torch.lerp(tta, plain, beta)``.
+        **kwargs: Passed to :class:`FourCornerTTA` (``crop``, ``flip``, ``center``, ``full``,
+            ``resize``, ``merge``, ``max_views_per_batch``).
+
+    Returns:
+        ``(preds, targs)`` as ``get_preds`` returns them: probabilities after the loss's
+        activation, and the targets (None for an unlabelled ``test_dl``).
+
+    """
+    cb = FourCornerTTA(**kwargs)
+    if beta is not None:
+        beta = check_fraction("beta", beta)
+        cb.keep_plain = True
+    if dl is None:
+        dl = self.dls[ds_idx].new(shuffle=False, drop_last=False)
+    elif isinstance(dl, DataLoader) and (dl.shuffle or dl.drop_last):
+        # The plain predictions are gathered in batch order, so read the data in dataset order.
+        dl = dl.new(shuffle=False, drop_last=False)
+    attached = [c for c in self.cbs if isinstance(c, FourCornerTTA)]
+    with self.removed_cbs(attached):
+        preds, targs = self.get_preds(dl=dl, cbs=cb)
+    if beta is not None:
+        act = getcallable(self.loss_func, "activation")
+        plain = act(cb.plain_preds.float()).to(preds.dtype)
+        preds = torch.lerp(preds, plain, beta)
+    return preds, targs
