@@ -44,8 +44,15 @@ from .resizing import (
     schedule_progress,
     size_at,
 )
+from .tta import MERGE_MODES, FourCornerTTA, expand_views, four_corner_crops, merge_views, view_names
 
 __all__ = [
+    "MERGE_MODES",
+    "FourCornerTTA",
+    "expand_views",
+    "four_corner_crops",
+    "merge_views",
+    "view_names",
     "broadcast_object",
     "cpu_ddp",
     "cpu_ddp_enabled",
