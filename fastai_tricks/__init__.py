@@ -25,6 +25,7 @@ from .distributed import (
     is_distributed,
     rank_and_world,
 )
+from .losses import LabelSmoothingCE, smooth_targets
 from .mixing import (
     CutMix,
     FMix,
@@ -35,6 +36,19 @@ from .mixing import (
     ResizeMix,
     find_residual_stages,
     show_mix_batch,
+)
+from .normalization import (
+    Moments,
+    NormalizationCheck,
+    NormalizationReport,
+    NormalizationWarning,
+    batch_moments,
+    check_normalization,
+    dataset_stats,
+    ensure_normalized,
+    merge_moments,
+    model_stats,
+    moments_to_stats,
 )
 from .resizing import (
     ProgressiveResize,
@@ -47,6 +61,19 @@ from .resizing import (
 from .tta import MERGE_MODES, FourCornerTTA, expand_views, four_corner_crops, merge_views, view_names
 
 __all__ = [
+    "LabelSmoothingCE",
+    "smooth_targets",
+    "Moments",
+    "NormalizationCheck",
+    "NormalizationReport",
+    "NormalizationWarning",
+    "batch_moments",
+    "check_normalization",
+    "dataset_stats",
+    "ensure_normalized",
+    "merge_moments",
+    "model_stats",
+    "moments_to_stats",
     "MERGE_MODES",
     "FourCornerTTA",
     "expand_views",
