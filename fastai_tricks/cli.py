@@ -1,20 +1,23 @@
-"""The ``fastai-tricks`` command line.
+"""The ``fastai-tricks`` command line: the Imagenette recipe, its ablation, and the offline demo.
 
-``fastai-tricks demo`` draws the offline demo data set and trains a small
-xresnet on it for a couple of epochs on the CPU, printing progress and the
-final accuracy.
+``fastai-tricks train`` runs the recipe on Imagenette, on any ImageNet-style
+folder (``--data``), or on generated offline data (``--demo``).
+``fastai-tricks ablation`` runs the chapter's sequence of tricks one at a time.
+``fastai-tricks demo`` is ``train --demo``: it needs no network and takes a few
+minutes on two CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["main"]
+from .data import DataUnavailableError
+
+__all__ = ["build_parser", "main"]
 
 
 def _positive_int(text: str) -> int:
@@ -24,38 +27,88 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from fastai.vision.all import (
-        CrossEntropyLossFlat,
-        ImageDataLoaders,
-        Learner,
-        Resize,
-        accuracy,
-        set_seed,
-        xresnet18,
-    )
+def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -> None:
+    from .recipe import IMAGENETTE_CHOICES, MIX_CHOICES, NORMALIZE_CHOICES, TTA_CHOICES
 
-    from .data import make_fake_imagenette
+    data = p.add_argument_group("data")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, help="an ImageNet-style folder: <class>/*.jpg, or train/ and val/")
+    source.add_argument("--imagenette", choices=IMAGENETTE_CHOICES, help="download Imagenette (default 160)")
+    if demo_flag:
+        source.add_argument("--demo", action="store_true", help="generated offline data and a small, fast model")
+    data.add_argument("--valid", help="validation folder name (default: val or valid if present, else a random split)")
+    data.add_argument("--valid-pct", type=float, help="held-out fraction for a random split (default 0.2)")
+    data.add_argument("--workers", type=int, help="DataLoader worker processes (default: fastai's)")
+    train = p.add_argument_group("training")
+    train.add_argument("--arch", help="xresnet18/34/50/... or a torchvision resnet name (default xresnet50)")
+    train.add_argument("--size", type=_positive_int, help="final image size in px (default 128)")
+    train.add_argument("--epochs", type=_positive_int, help="epochs of fit_one_cycle (default 5)")
+    train.add_argument("--bs", type=_positive_int, help="batch size (default 64)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 8e-3)")
+    train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--fp16", action="store_true", default=None, help="mixed precision (CUDA only)")
+    train.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    tricks = p.add_argument_group("tricks")
+    tricks.add_argument("--normalize", choices=NORMALIZE_CHOICES, help="normalization statistics (default dataset)")
+    tricks.add_argument(
+        "--progressive", action=argparse.BooleanOptionalAction, help="progressive resizing (default on)"
+    )
+    tricks.add_argument("--initial-size", type=float, help="initial size: a fraction of --size or pixels (default 0.5)")
+    tricks.add_argument("--resize-start", type=float, help="fraction of training where growth starts (default 0.5)")
+    tricks.add_argument("--resize-finish", type=float, help="fraction where it reaches --size (default 0.75)")
+    tricks.add_argument("--mix", choices=MIX_CHOICES, help="mixing callback (default none)")
+    tricks.add_argument("--alpha", type=float, help="alpha of the mixing callback")
+    tricks.add_argument("--label-smoothing", type=float, help="label smoothing epsilon, 0 for none (default 0.1)")
+    tricks.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation (default four-corner)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/<command>)")
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastai_tricks_demo_"))
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    path = make_fake_imagenette(out / "data", n_train=args.n_train, n_valid=args.n_valid, size=72, seed=args.seed)
-    print(f"demo data: {path} ({args.n_train} train + {args.n_valid} valid images per class, 10 classes)")
-    set_seed(args.seed, reproducible=True)
-    dls = ImageDataLoaders.from_folder(
-        path, valid="val", item_tfms=Resize(args.size), bs=args.bs, num_workers=0, seed=args.seed
+
+# Options that map one-to-one onto RecipeConfig fields; an option left unset keeps the config's default.
+_FIELDS = (
+    "data", "imagenette", "valid", "valid_pct", "workers", "arch", "size", "epochs", "bs", "lr", "seed", "fp16",
+    "channels_last", "normalize", "progressive", "initial_size", "resize_start", "resize_finish", "mix", "alpha",
+    "label_smoothing", "tta", "out",
+)  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace, default_out: str) -> Any:
+    """Build a :class:`~fastai_tricks.recipe.RecipeConfig` from parsed options; unset options keep their defaults."""
+    from .recipe import RecipeConfig, demo_config
+
+    given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
+    given.setdefault("out", Path(default_out))
+    if getattr(args, "demo", False):
+        return demo_config(**given)
+    return RecipeConfig(**given)
+
+
+def _summary(results: dict[str, Any]) -> str:
+    lines = [f"accuracy: {results['accuracy']:.4f}"]
+    if results.get("accuracy_tta") is not None:
+        lines.append(f"accuracy with {results['tta']} TTA: {results['accuracy_tta']:.4f}")
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in results["times"].items())
+    lines.append(f"time: {times}")
+    return "\n".join(lines)
+
+
+def _train(cfg: Any) -> int:
+    from .recipe import run_recipe
+
+    results = run_recipe(cfg)
+    print(_summary(results))
+    print(
+        f"final accuracy: {results['accuracy_tta'] if results['accuracy_tta'] is not None else results['accuracy']:.4f}"
     )
-    learn = Learner(
-        dls,
-        xresnet18(n_out=dls.c),
-        loss_func=CrossEntropyLossFlat(),
-        metrics=accuracy,
-        path=out,
-    )
-    learn.fit_one_cycle(args.epochs, args.lr)
-    loss, acc = learn.validate()
-    print(f"final accuracy: {acc:.4f} (chance is 0.1000) after {args.epochs} epochs in {time.perf_counter() - start:.0f} s")
+    print(f"files written to {cfg.out}: metrics.csv, results.json, curves.png, export.pkl")
+    return 0
+
+
+def _ablation(cfg: Any) -> int:
+    from .recipe import run_ablation
+
+    run_ablation(cfg)
+    print((cfg.out / "ablation.md").read_text())
+    print(f"files written to {cfg.out}: ablation.md, ablation.csv, ablation.png")
     return 0
 
 
@@ -63,23 +116,34 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the ``fastai-tricks`` argument parser."""
     parser = argparse.ArgumentParser(prog="fastai-tricks", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small xresnet on generated Imagenette-like data (offline, CPU)")
-    demo.add_argument("--out", help="output folder (default: a new temp folder)")
-    demo.add_argument("--epochs", type=_positive_int, default=2)
-    demo.add_argument("--size", type=_positive_int, default=64)
-    demo.add_argument("--bs", type=_positive_int, default=32)
-    demo.add_argument("--lr", type=float, default=1e-2)
-    demo.add_argument("--n-train", type=_positive_int, default=60, help="training images per class")
-    demo.add_argument("--n-valid", type=_positive_int, default=20, help="validation images per class")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="run the Imagenette recipe")
+    _add_recipe_options(train)
+    train.set_defaults(func=_train)
+    ablation = sub.add_parser("ablation", help="run the chapter's tricks one at a time with the same budget")
+    _add_recipe_options(ablation)
+    ablation.set_defaults(func=_ablation)
+    demo = sub.add_parser("demo", help="train --demo: generated data, small model, offline, a few minutes on CPU")
+    _add_recipe_options(demo, demo_flag=False)
+    demo.set_defaults(func=_train, demo=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line and return its exit code."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command line and return its exit code.
+
+    Bad options, a missing or malformed data folder, and a failed download exit with code 2
+    and a one-line message, not a traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args, f"runs/{'demo' if getattr(args, 'demo', False) else args.command}")
+    except (ValueError, TypeError) as err:
+        parser.exit(2, f"fastai-tricks: error: {err}\n")
+    try:
+        return args.func(cfg)
+    except DataUnavailableError as err:
+        parser.exit(2, f"fastai-tricks: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""The recipe's command line end to end: train, ablation, and the errors a user can make."""
+
+import csv
+import json
+import urllib.error
+
+import pytest
+
+from fastai_tricks.cli import main
+from fastai_tricks.data import make_fake_imagenette
+from fastai_tricks.recipe import ABLATION_STEPS, RecipeConfig, demo_config
+
+
+def _flat_class_folder(root, n=6):
+    """Class folders with no train/val split, as a user's own project might have."""
+    src = make_fake_imagenette(root / "src", n_train=n, n_valid=1, size=40, seed=1)
+    flat = root / "cells"
+    flat.mkdir()
+    for class_dir in (src / "train").iterdir():
+        class_dir.rename(flat / class_dir.name)
+    return flat
+
+
+@pytest.mark.slow
+def test_train_demo_writes_every_output_and_beats_chance(tmp_path, capsys):
+    from fastai.vision.all import load_learner
+
+    out = tmp_path / "run"
+    assert main(["train", "--demo", "--epochs", "2", "--size", "48", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "final accuracy:" in printed
+    for name in ("metrics.csv", "results.json", "curves.png", "schedule.png", "export.pkl"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["accuracy"] > 0.2, results["accuracy"]  # chance is 0.1
+    assert results["accuracy_tta"] is not None and results["tta"] == "four-corner"
+    assert set(results["times"]) >= {"data", "dataloaders", "train", "eval", "tta"}
+    sizes = [tuple(s) for s in results["schedule"]]
+    assert sizes[0] == (24, 24) and sizes[-1] == (48, 48) and sizes == sorted(sizes)
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and "accuracy" in rows[0]
+    learn = load_learner(out / "export.pkl")
+    assert not any(type(cb).__name__ in {"ProgressiveResize", "MixUp"} for cb in learn.cbs)
+    pred, idx, probs = learn.predict(next((out / "data" / "val").rglob("*.JPEG")))
+    assert probs.shape == (10,)
+
+
+def test_train_on_a_plain_class_folder_uses_a_random_split(tmp_path):
+    data = _flat_class_folder(tmp_path)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--valid-pct", "0.25", "--arch", "xresnet18", "--epochs", "1"]
+    argv += ["--size", "32", "--bs", "16", "--no-progressive", "--tta", "none", "--normalize", "imagenet"]
+    argv += ["--label-smoothing", "0", "--workers", "0", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_train"] + results["n_valid"] == 60
+    assert results["n_valid"] == 15
+    assert results["schedule"] is None and results["accuracy_tta"] is None
+    assert results["config"]["normalize"] == "imagenet"
+
+
+def test_ablation_demo_with_a_tiny_budget_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "abl"
+    argv = ["ablation", "--demo", "--epochs", "1", "--size", "32", "--out", str(out)]
+    assert main(argv) == 0
+    table = (out / "ablation.md").read_text()
+    for name, _ in ABLATION_STEPS:
+        assert f"| {name} |" in table
+    assert "fastai's `learn.tta()`" in table
+    with open(out / "ablation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == [name for name, _ in ABLATION_STEPS]
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert (out / "ablation.png").is_file()
+    assert "ablation.md" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "nowhere", "does not exist"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "holds no class folders of images"),
+        (lambda p: (p / "f.txt").write_text("x") and p / "f.txt", "not a folder"),
+    ],
+)
+def test_missing_or_malformed_data_exits_2_with_one_line(tmp_path, capsys, make, message):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data", str(make(tmp_path)), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastai-tricks: error:") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_named_validation_folder_that_does_not_exist_exits_2(tmp_path, capsys):
+    data = make_fake_imagenette(tmp_path / "d", n_train=1, n_valid=1, size=16)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data", str(data), "--valid", "holdout", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "no validation folder 'holdout'" in capsys.readouterr().err
+
+
+def test_offline_imagenette_download_exits_2_with_advice(tmp_path, capsys, monkeypatch):
+    import fastai.data.external as external
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(external, "untar_data", offline)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--imagenette", "320", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "imagenette2-320" in err and "--data PATH" in err and "--demo" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arch", "vgg99"], "arch must be a fastai xresnet or torchvision resnet name, got 'vgg99'"),
+        (["--label-smoothing", "1.0"], "label_smoothing must be in [0, 1), got 1.0"),
+        (["--resize-start", "0.8", "--resize-finish", "0.2"], "resize_finish must be >= resize_start"),
+        (["--lr", "-1"], "lr must be > 0, got -1.0"),
+        (["--valid-pct", "1.5"], "valid_pct must be in (0, 1), got 1.5"),
+    ],
+)
+def test_bad_recipe_options_exit_2_naming_the_option(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--demo", *argv, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_config_keeps_explicit_choices_over_demo_defaults():
+    cfg = demo_config(epochs=7, mix="cutmix")
+    assert cfg.demo and cfg.arch == "xresnet18" and cfg.epochs == 7 and cfg.mix == "cutmix"
+    assert RecipeConfig().arch == "xresnet50" and RecipeConfig().size == 128
