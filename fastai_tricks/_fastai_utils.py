@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["is_gathering_preds", "is_lr_finding", "is_training_batch"]
+__all__ = ["ReleaseOnDetach", "is_gathering_preds", "is_lr_finding", "is_training_batch"]
 
 
 def is_lr_finding(learn: Any) -> bool:
@@ -20,3 +20,28 @@ def is_gathering_preds(learn: Any) -> bool:
 def is_training_batch(learn: Any) -> bool:
     """Whether the current batch is an ordinary training batch: not validation, lr_find or prediction."""
     return bool(getattr(learn, "training", False)) and not is_lr_finding(learn) and not is_gathering_preds(learn)
+
+
+class ReleaseOnDetach:
+    """Mixin for callbacks that hold per-fit state: ``_release()`` runs whenever ``learn`` changes.
+
+    fastai sets ``cb.learn = None`` when it removes a callback, and ``fit(cbs=...)`` removes its
+    callbacks in a ``finally`` block, so releasing on that assignment undoes a callback's per-fit
+    changes even when fit unwinds on an exception for which fastai fires no ``after_*`` event
+    (a RuntimeError, a KeyboardInterrupt). ``_release`` runs while ``self.learn`` is still the old
+    learner. Put this class before ``Callback`` in the bases so its ``learn`` property wins.
+    """
+
+    @property
+    def learn(self) -> Any:
+        """The Learner this callback is attached to (None when detached)."""
+        return self.__dict__.get("_learn")
+
+    @learn.setter
+    def learn(self, value: Any) -> None:
+        if value is not self.__dict__.get("_learn"):
+            self._release()
+        self.__dict__["_learn"] = value
+
+    def _release(self) -> None:
+        """Undo per-fit changes and drop per-fit state; subclasses override."""

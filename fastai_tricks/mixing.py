@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import mix_ops
 from ._checks import check_fraction, check_positive, check_positive_int, check_probabilities
-from ._fastai_utils import is_training_batch
+from ._fastai_utils import ReleaseOnDetach, is_training_batch
 from .data import IMAGENETTE_CLASSES
 
 __all__ = ["CutMix", "FMix", "ManifoldMix", "MixCallback", "MixUp", "RandomMix", "ResizeMix", "show_mix_batch"]
@@ -79,7 +79,7 @@ def _is_dense(x: Tensor, y: Tensor) -> bool:
     return not y.is_floating_point() and y.dim() >= 3 and tuple(y.shape[-2:]) == tuple(x.shape[-2:])
 
 
-class MixCallback(Callback):
+class MixCallback(ReleaseOnDetach, Callback):
     """Base class of the mixing callbacks.
 
     Subclasses implement :meth:`draw`, which mixes one input batch and returns
@@ -109,13 +109,15 @@ class MixCallback(Callback):
     #: Whether the variant can paste segmentation masks exactly as it pastes pixels.
     supports_dense = False
     # Runtime state that must not be pickled with an exported Learner.
-    _stateattrs = ("_batch", "_rng_state")
+    _stateattrs = ("_batch",)
 
     def __init__(self, alpha: Alpha = 1.0, p: float = 1.0, *, off_pct: float = 0.0, off_epochs: int = 0):
         self.alpha = alpha
         self.p = check_fraction("p", p)
         self.off_pct = check_fraction("off_pct", off_pct, high_inclusive=False)
-        if isinstance(off_epochs, bool) or not isinstance(off_epochs, int) or off_epochs < 0:
+        if isinstance(off_epochs, bool) or not isinstance(off_epochs, int):
+            raise TypeError(f"off_epochs must be an int >= 0, got {off_epochs!r} ({type(off_epochs).__name__})")
+        if off_epochs < 0:
             raise ValueError(f"off_epochs must be an int >= 0, got {off_epochs!r}")
         self.off_epochs = off_epochs
         self._batch: _BatchMix | None = None
@@ -138,18 +140,7 @@ class MixCallback(Callback):
             return check_positive("alpha(pct_train)", self._alpha(pct))
         return self._alpha
 
-    # --- `learn` as a property, so detaching the callback always releases what it holds ----------
-
-    @property
-    def learn(self) -> Any:
-        """The Learner this callback is attached to (None when detached)."""
-        return self.__dict__.get("_learn")
-
-    @learn.setter
-    def learn(self, value: Any) -> None:
-        if value is not self.__dict__.get("_learn"):
-            self._release()
-        self.__dict__["_learn"] = value
+    # `learn` is a property (ReleaseOnDetach), so detaching the callback always releases what it holds.
 
     def _release(self) -> None:
         """Drop per-batch state; subclasses that hold hooks remove them here."""
@@ -648,7 +639,7 @@ class RandomMix(MixCallback):
         self.__dict__["_alpha"] = value if "mixes" in self.__dict__ else None
 
     @MixCallback.learn.setter
-    def learn(self, value: Any) -> None:  # noqa: D102 - documented on MixCallback.learn
+    def learn(self, value: Any) -> None:  # noqa: D102 - documented on ReleaseOnDetach.learn
         MixCallback.learn.fset(self, value)
         for m in self.__dict__.get("mixes", ()):
             m.learn = value

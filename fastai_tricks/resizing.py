@@ -8,10 +8,12 @@ small batch is produced directly) or by interpolating the batch on its device.
 
 Nothing on the learner's ``DataLoaders`` is ever changed. When a size-fixing batch transform is
 found, the callback works on a per-fit shallow copy of the training ``DataLoader`` that owns its
-own copies of those transforms, hands that copy to ``learn.dl`` for the epoch and puts the
-original back as soon as the epoch's iterator has started. Validation, ``predict``, ``get_preds``,
-``lr_find`` and TTA therefore see exactly the pipelines they saw before, whether the fit ended
-normally, was cancelled or raised.
+own copies of those transforms. For each epoch ``learn.dl`` is a stand-in that iterates the copy
+and points ``learn.dl`` back at the learner's own loader the moment iteration starts, before the
+first batch is loaded. Validation, ``predict``, ``get_preds``, ``lr_find`` and TTA therefore see
+exactly the pipelines they saw before, whether the fit ended normally, was cancelled or raised;
+removing the callback (as ``fit(cbs=...)`` does on any exception) also undoes what is left of an
+interrupted epoch, and the per-fit copy is never pickled with an exported Learner.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 
 from ._checks import check_choice, check_fraction, check_positive, check_positive_int
-from ._fastai_utils import is_gathering_preds, is_lr_finding
+from ._fastai_utils import ReleaseOnDetach, is_gathering_preds, is_lr_finding
 
 __all__ = [
     "ProgressiveResize",
@@ -315,12 +317,42 @@ def _clone_loader(dl: Any, batch: bool, item: bool) -> tuple[Any, list[Any], lis
     return clone, batch_tfms, item_tfms
 
 
+class _EpochLoader:
+    """Stands in for ``learn.dl`` for one training epoch, iterating the per-fit copy of the loader.
+
+    Starting the iteration points ``learn.dl`` back at the learner's own loader, so an exception
+    while the first batch loads (a KeyboardInterrupt, a broken transform) cannot leave the copy in
+    ``learn.dl``. Attribute reads go to the copy, for callbacks that inspect ``learn.dl`` in
+    ``before_train``.
+    """
+
+    def __init__(self, learn: Any, own: Any, clone: Any) -> None:
+        self.learn, self.own, self.clone = learn, own, clone
+
+    def __len__(self) -> int:
+        return len(self.clone)
+
+    def __iter__(self) -> Any:
+        self.hand_back()
+        return iter(self.clone)
+
+    def hand_back(self) -> None:
+        """Point ``learn.dl`` back at the learner's own loader if it still points here."""
+        if getattr(self.learn, "dl", None) is self:
+            self.learn.dl = self.own
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("learn", "own", "clone"):  # not set yet (e.g. while copying): no delegation loop
+            raise AttributeError(name)
+        return getattr(self.clone, name)
+
+
 def _is_compiled(model: torch.nn.Module) -> bool:
     """Whether ``model`` went through ``torch.compile`` (wrapper) or ``Module.compile`` (in place)."""
     return getattr(model, "_orig_mod", None) is not None or getattr(model, "_compiled_call_impl", None) is not None
 
 
-class ProgressiveResize(Callback):
+class ProgressiveResize(ReleaseOnDetach, Callback):
     """Train at a small image size and grow it to the full size during each fit.
 
     Progressive resizing (fast.ai's DAWNBench entry; Howard & Gugger, *Deep Learning for Coders*,
@@ -357,7 +389,7 @@ class ProgressiveResize(Callback):
         mix_alpha: ``(low, high)``: set the ``alpha`` of every mixing callback
             (:class:`fastai_tricks.mixing.MixCallback`) on the learner from ``low`` at the initial
             size to ``high`` at the final size (progressive regularisation: Tan & Le, 2021,
-            *EfficientNetV2*, arXiv:2104.00298). Restored after the fit.
+            *EfficientNetV2*, arXiv:2104.00298). Set for each training batch and restored after it.
         resize_items: With ``schedule='epoch'`` only: also shrink the item-level ``Resize`` or
             ``RandomResizedCrop``, so that CPU decoding and augmentation work shrink too.
         reserve_memory: Run one full-size forward and backward pass on zeros before the first
@@ -373,6 +405,8 @@ class ProgressiveResize(Callback):
 
     order = -5  # after TrainEvalCallback, before mixing callbacks (0), MixedPrecision and DistributedTrainer
     run_valid = True
+    # Per-fit state: never pickled with an exported Learner (the loader copy holds the dataset).
+    _stateattrs = ("_clone", "_epoch_dl", "_batch_tfms", "_item_tfms", "_saved_alphas")
 
     def __init__(
         self,
@@ -412,6 +446,12 @@ class ProgressiveResize(Callback):
         self._saved_alphas: dict[int, tuple[Any, float]] = {}
         self._reset()
 
+    def _init_state(self) -> None:
+        """Recreate the per-fit state left out of the pickle (``_stateattrs``) when a Learner is loaded."""
+        super()._init_state()
+        self._saved_alphas = {}
+        self._reset()
+
     # -- per-fit state ---------------------------------------------------------------------------------
 
     def _reset(self) -> None:
@@ -419,7 +459,7 @@ class ProgressiveResize(Callback):
         self._active = False  # this fit is a real training fit (not lr_find / get_preds)
         self._checked = False
         self._clone: Any = None
-        self._orig_dl: Any = None
+        self._epoch_dl: _EpochLoader | None = None
         self._batch_tfms: list[Any] = []
         self._item_tfms: list[Any] = []
         self._item_base: list[Size] = []
@@ -440,6 +480,14 @@ class ProgressiveResize(Callback):
         self._reset()
 
     after_cancel_fit = after_fit
+
+    def _release(self) -> None:
+        """On detach (``fit(cbs=...)`` unwinding after any exception): undo what an interrupted fit left."""
+        if self.__dict__.get("_epoch_dl") is not None:
+            self._epoch_dl.hand_back()
+        if "_saved_alphas" in self.__dict__:
+            self._restore_alphas()
+            self._reset()
 
     # -- training --------------------------------------------------------------------------------------
 
@@ -506,9 +554,9 @@ class ProgressiveResize(Callback):
         if not self._active:
             return
         if self._clone is not None and self.learn.dl is self.learn.dls.train:
-            self._orig_dl = self.learn.dl
             self._prepare(self.learn.epoch, 0, len(self._clone))
-            self.learn.dl = self._clone
+            self._epoch_dl = _EpochLoader(self.learn, self.learn.dl, self._clone)
+            self.learn.dl = self._epoch_dl
 
     def before_batch(self) -> None:
         """Make the training batch the scheduled size (or the current size in validation)."""
@@ -518,9 +566,6 @@ class ProgressiveResize(Callback):
             if self.resize_valid and self._current is not None:
                 self._resize_batch(self._current)
             return
-        if self._orig_dl is not None and self.learn.dl is self._clone:
-            # The epoch's iterator is running; from here on learn.dl is the learner's own loader again.
-            self.learn.dl, self._orig_dl = self._orig_dl, None
         if not self._checked:
             self._first_batch()
         size = self._target(self.learn.epoch, self.learn.iter, self.learn.n_iter)
@@ -531,7 +576,8 @@ class ProgressiveResize(Callback):
             self._set_alphas(size)
 
     def after_batch(self) -> None:
-        """Record the learning rate and set the copied transforms' size for the next batch."""
+        """Record the learning rate, set the copied transforms' size for the next batch, restore alphas."""
+        self._restore_alphas()
         if not (self._active and self.learn.training):
             return
         self.lrs.append(float(self.learn.opt.hypers[-1]["lr"]))
@@ -539,10 +585,15 @@ class ProgressiveResize(Callback):
         if nxt < self.learn.n_iter:
             self._prepare(self.learn.epoch, nxt, self.learn.n_iter)
 
+    def after_cancel_batch(self) -> None:
+        """Restore the mixing alphas set for the cancelled batch."""
+        self._restore_alphas()
+
     def after_train(self) -> None:
-        """Put ``learn.dl`` back if an epoch had no batch."""
-        if self._orig_dl is not None:
-            self.learn.dl, self._orig_dl = self._orig_dl, None
+        """Put ``learn.dl`` back if the epoch never started iterating (e.g. cancelled in ``before_train``)."""
+        if self._epoch_dl is not None:
+            self._epoch_dl.hand_back()
+            self._epoch_dl = None
 
     after_cancel_train = after_train
 

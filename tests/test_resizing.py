@@ -272,7 +272,7 @@ def test_each_of_fine_tunes_two_fits_runs_its_own_schedule(fake_imagenette):
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt, CancelFitException])
 @pytest.mark.parametrize("attached", [True, False])
-def test_after_an_exception_mid_fit_validate_and_predict_use_full_size(fake_imagenette, exc, attached):
+def test_after_an_exception_mid_fit_validate_and_predict_use_full_size(fake_imagenette, tmp_path, exc, attached):
     learn = _learner(fake_imagenette, **CASES["aug_transforms"])
     before = _tfm_sizes(learn)
     pr = ProgressiveResize()
@@ -287,12 +287,34 @@ def test_after_an_exception_mid_fit_validate_and_predict_use_full_size(fake_imag
     assert fail.train[-1] == (16, 16)  # it failed while training small
     assert _tfm_sizes(learn) == before
     assert learn.dl is None or learn.dl is learn.dls.train
+    learn.export(tmp_path / "export.pkl")  # the per-fit loader copy is not pickled with the callback
     spy = Spy()
     with learn.no_bar(), learn.no_logging():
         learn.validate(cbs=[spy])
         learn.get_preds(ds_idx=0, cbs=[spy])
     assert set(spy.valid) == {(32, 32)}
     assert learn.dls.train.one_batch()[0].shape[-2:] == (32, 32)
+
+
+@pytest.mark.parametrize("attached", [True, False])
+def test_an_interrupt_while_the_first_batch_loads_leaves_learn_dl_on_the_learners_loader(
+    fake_imagenette, tmp_path, monkeypatch, attached
+):
+    learn = _learner(fake_imagenette, **CASES["aug_transforms"])
+    pr = ProgressiveResize()
+    if attached:
+        learn.add_cb(pr)
+
+    def interrupted(b):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(learn.dls.train, "create_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(learn, 1, [] if attached else [pr])
+    assert learn.dl is learn.dls.train
+    monkeypatch.undo()
+    assert learn.dls.train.one_batch()[0].shape[-2:] == (32, 32)
+    learn.export(tmp_path / "export.pkl")
 
 
 def test_resize_valid_validates_at_the_current_training_size(fake_imagenette):
@@ -407,3 +429,16 @@ def test_mixing_callbacks_attached_with_progressive_resize_get_alpha_growing_wit
     assert spy.seen[0][1] == pytest.approx(0.1) and spy.seen[-1][1] == pytest.approx(0.5)
     assert (mixup.alpha, cutmix.alpha) == (0.4, 1.0)  # put back after the fit
     assert all(torch.isfinite(torch.stack(learn.recorder.losses)))
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_mixing_alphas_are_put_back_after_an_exception_mid_fit(fake_imagenette, exc):
+    from fastai_tricks.mixing import MixUp
+
+    learn = _learner(fake_imagenette, size=32)
+    mixup = MixUp(alpha=0.4)
+    learn.add_cb(mixup)
+    pr = ProgressiveResize(start=0.0, finish=1.0, mix_alpha=(0.1, 0.5))
+    with pytest.raises(exc):
+        _fit(learn, 1, [pr, Spy(fail_at=2, exc=exc)])  # raises in before_batch, after the alpha was set
+    assert mixup.alpha == 0.4
