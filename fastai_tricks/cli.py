@@ -99,7 +99,8 @@ def _train(cfg: Any) -> int:
     print(
         f"final accuracy: {results['accuracy_tta'] if results['accuracy_tta'] is not None else results['accuracy']:.4f}"
     )
-    print(f"files written to {cfg.out}: metrics.csv, results.json, curves.png, export.pkl")
+    files = ["metrics.csv", "results.json", "curves.png", "schedule.png", "export.pkl"]
+    print(f"files written to {cfg.out}: {', '.join(f for f in files if (cfg.out / f).exists())}")
     return 0
 
 

@@ -451,7 +451,7 @@ def run_ablation(cfg: RecipeConfig) -> list[dict[str, Any]]:
         current.update(change)
         step_cfg = dataclasses.replace(cfg, **current, out=cfg.out / f"step{i}", demo=False, data=path)
         if name == "+ four-corner TTA" and learn is not None:
-            train_s = rows[-1]["train_s"]
+            train_s = 0.0  # TTA changes only the evaluation: the previous step's model is reused.
         else:
             learn, info = train(step_cfg, path)
             train_s = info["times"]["train"]
