@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torchvision.models import WeightsEnum, get_model_weights
 
 from ._checks import check_positive_int
+from .distributed import gather_objects, rank_and_world
 
 __all__ = [
     "Moments",
@@ -196,14 +197,6 @@ def _preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def _dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` of an initialised torch.distributed group, else ``(0, 1)``."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _shard(items: Any, rank: int, world: int) -> Any:
     """Every ``world``-th item from ``rank``: disjoint shards that cover ``items`` exactly once, no padding."""
     return items if world == 1 else items[slice(rank, None, world)]
@@ -265,10 +258,7 @@ def _gather_across_ranks(local: Moments, first_bad: int) -> tuple[Moments, list[
     The bad-batch markers travel too, so that every rank raises together instead of one rank raising
     and the others waiting forever in the next collective.
     """
-    dist = torch.distributed
-    payload = (local.count, local.mean.tolist(), local.m2.tolist(), first_bad)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, payload)
+    gathered = gather_objects((local.count, local.mean.tolist(), local.m2.tolist(), first_bad))
     total = Moments(0, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
     bad = []
     for rank, (count, mean, m2, rank_bad) in enumerate(gathered):
@@ -340,7 +330,7 @@ def dataset_stats(
 def _dataset_stats(source: Any, max_batches: int | None, mode: str | None, progress: bool) -> Stats:
     if max_batches is not None:
         check_positive_int("max_batches", max_batches)
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     names: Sequence[Any] | None = None
     if isinstance(source, (list, tuple)) and not source:
         raise ValueError("source is an empty list; cannot compute statistics of no data")
@@ -730,7 +720,8 @@ def check_normalization(learn: Any, xb: Any = None, *, warn: bool = True) -> Nor
         n_in = _input_channels(dls.train)
     x = xb[0] if isinstance(xb, (tuple, list)) else xb
     if not isinstance(x, Tensor) or x.ndim != 4:
-        raise ValueError(f"xb must hold an image batch (N, C, H, W), got {type(x).__name__}")
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"xb must hold an image batch (N, C, H, W), got {got}")
     x = x.detach().as_subclass(Tensor).float()
     dims = [0, 2, 3]
     mean = tuple(x.mean(dims).tolist())
