@@ -36,6 +36,7 @@ from torch import Tensor
 from ._checks import check_fraction, check_positive
 
 __all__ = [
+    "check_spatial_batch",
     "MixResult",
     "box_masks",
     "cutmix",
@@ -251,6 +252,18 @@ def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
     return (rows >= b[:, 0]) & (rows < b[:, 1]) & (cols >= b[:, 2]) & (cols < b[:, 3])
 
 
+def check_spatial_batch(x: Tensor, name: str = "x") -> tuple[int, int]:
+    """Return ``(H, W)`` of a batch with spatial axes, ``(B, ..., H, W)``; raise ValueError naming the shape.
+
+    Box and mask variants paste regions of ``H x W``: a ``(B, F)`` feature batch has no such plane, and taking
+    ``B`` as the height would cut across samples.
+    """
+    if not isinstance(x, Tensor) or x.ndim < 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a batch of images (B, C, H, W) or maps (B, H, W), got shape {shape}")
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
 def cutmix(x: Tensor, alpha: float, *, per_sample: bool = False, generator: torch.Generator | None = None) -> MixResult:
     """CutMix: paste a box of the partner image (Yun et al. 2019, arXiv 1905.04899).
 
@@ -264,7 +277,7 @@ def cutmix(x: Tensor, alpha: float, *, per_sample: bool = False, generator: torc
         A :class:`MixResult` whose ``lam`` is the exact kept fraction ``1 - area / (H * W)``.
 
     """
-    b, (h, w) = x.shape[0], x.shape[-2:]
+    b, (h, w) = x.shape[0], check_spatial_batch(x)
     perm = sample_permutation(b, device=x.device, generator=generator)
     n = b if per_sample else 1
     target = sample_lambda(n, alpha, device=x.device, generator=generator)
@@ -360,7 +373,7 @@ def fmix(
         A :class:`MixResult` whose ``lam`` is the exact kept fraction of the mask.
 
     """
-    b, (h, w) = x.shape[0], x.shape[-2:]
+    b, (h, w) = x.shape[0], check_spatial_batch(x)
     perm = sample_permutation(b, device=x.device, generator=generator)
     n = b if per_sample else 1
     target = sample_lambda(n, alpha, device=x.device, generator=generator)
@@ -456,6 +469,7 @@ def resizemix(
     *,
     rng: random.Random | None = None,
     generator: torch.Generator | None = None,
+    geometry: tuple[int, int, int, int] | None = None,
 ) -> MixResult:
     """ResizeMix: paste a shrunken copy of the whole partner (Qin et al. 2020, arXiv 2012.11101).
 
@@ -465,13 +479,16 @@ def resizemix(
         alpha: Beta concentration of the ratio inside ``scale``.
         rng: Host random generator for the geometry.
         generator: Optional torch generator for the pairing.
+        geometry: A ``(top, left, height, width)`` from :func:`resizemix_geometry` to use
+            instead of drawing one (so a caller can paste targets at the same place).
 
     Returns:
         A :class:`MixResult` with ``lam = 1 - patch area / (H * W)`` and the patch's paste mask.
 
     """
-    b, (h, w) = x.shape[0], x.shape[-2:]
-    geometry = resizemix_geometry(h, w, scale, alpha, rng=rng)
+    b, (h, w) = x.shape[0], check_spatial_batch(x)
+    if geometry is None:
+        geometry = resizemix_geometry(h, w, scale, alpha, rng=rng)
     perm = sample_permutation(b, device=x.device, generator=generator)
     top, left, ph, pw = geometry
     # Compare against Python ints: no host-built tensor is copied to the device.

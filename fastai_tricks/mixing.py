@@ -398,14 +398,11 @@ class ResizeMix(MixCallback):
 
     def draw(self, x: Tensor) -> _Drawn:
         """Paste the partners, resized, at one place drawn for the batch."""
-        h, w = x.shape[-2:]
+        h, w = mix_ops.check_spatial_batch(x)
         geometry = mix_ops.resizemix_geometry(h, w, self.scale, self.current_alpha())
-        perm = mix_ops.sample_permutation(x.shape[0], device=x.device)
-        ph, pw = geometry[2], geometry[3]
-        lam = torch.full((x.shape[0],), 1.0 - ph * pw / (h * w), dtype=torch.float32, device=x.device)
-        return _Drawn(
-            mix_ops.resize_paste(x, perm, geometry), perm, lam, lambda y: mix_ops.resize_paste(y, perm, geometry)
-        )
+        res = mix_ops.resizemix(x, geometry=geometry)
+        perm = res.perm
+        return _Drawn(res.x, perm, res.lam, lambda y: mix_ops.resize_paste(y, perm, geometry))
 
 
 # --- ManifoldMix -----------------------------------------------------------------------------------
@@ -508,7 +505,15 @@ class ManifoldMix(MixCallback):
         owned = {id(m) for m in model.modules()}
         out = []
         for m in self.modules:
-            mod = model.get_submodule(m) if isinstance(m, str) else m
+            if isinstance(m, str):
+                try:
+                    mod = model.get_submodule(m)
+                except AttributeError as err:
+                    raise ValueError(
+                        f"modules must name submodules of learn.model ({type(model).__name__}), got {m!r}: {err}"
+                    ) from None
+            else:
+                mod = m
             if id(mod) not in owned:
                 raise ValueError(f"modules must be submodules of learn.model, got {type(mod).__name__} {mod!r:.80}")
             out.append(mod)

@@ -236,8 +236,12 @@ def _interpolate(x: torch.Tensor, size: Size, mode: str) -> torch.Tensor:
     kw: dict[str, Any] = {}
     if mode in ("bilinear", "bicubic"):
         kw = {"align_corners": False, "antialias": shrinking}
-    out = F.interpolate(x if x.is_floating_point() else x.float(), size=size, mode=mode, **kw)
-    return out if out.dtype == x.dtype else out.round().to(x.dtype)
+    # CPU kernels (antialiased ones especially) exist only for float32/float64: resize there and cast back.
+    needs_float32 = not x.is_floating_point() or (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16))
+    out = F.interpolate(x.float() if needs_float32 else x, size=size, mode=mode, **kw)
+    if out.dtype == x.dtype:
+        return out
+    return out.to(x.dtype) if x.is_floating_point() else out.round().to(x.dtype)
 
 
 def _resize_target(y: Any, x_hw: tuple[int, int], size: Size, mode: str) -> Any:
@@ -636,9 +640,14 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
     # -- mixing ----------------------------------------------------------------------------------------
 
     def _mix_callbacks(self) -> list[Any]:
+        """The mixing callbacks whose own ``alpha`` is used: RandomMix's children rather than RandomMix itself."""
         from .mixing import MixCallback
 
-        return [cb for cb in self.learn.cbs if isinstance(cb, MixCallback)]
+        def leaves(cb: Any) -> list[Any]:
+            children = cb.__dict__.get("mixes")
+            return [leaf for child in children for leaf in leaves(child)] if children is not None else [cb]
+
+        return [leaf for cb in self.learn.cbs if isinstance(cb, MixCallback) for leaf in leaves(cb)]
 
     def _set_alphas(self, size: Size) -> None:
         low, high = self.mix_alpha  # type: ignore[misc]
