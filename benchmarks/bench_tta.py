@@ -166,6 +166,10 @@ def _measure(learn: Learner, repeats: int, bs: int) -> dict:
         "plain get_preds": (1, lambda: learn.get_preds(dl=dl)),
         "fastai learn.tta(n=4, beta=0.25)": (5, lambda: learn.tta(dl=dl, n=4, beta=0.25)),
         "FourCornerTTA, 5 views": (5, lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA())),
+        "FourCornerTTA, 5 views, one view per forward": (
+            5,
+            lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA(max_views_per_batch=1)),
+        ),
         "FourCornerTTA, ten-crop": (10, lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA(flip=True))),
         "four_corner_tta(beta=0.25), 5 views + plain": (6, lambda: learn.four_corner_tta(dl=dl, beta=0.25)),
     }
