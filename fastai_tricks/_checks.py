@@ -18,6 +18,7 @@ T = TypeVar("T")
 __all__ = [
     "check_choice",
     "check_fraction",
+    "check_non_negative_int",
     "check_number",
     "check_positive",
     "check_positive_int",
@@ -51,13 +52,22 @@ def check_positive(name: str, value: Any) -> float:
     return value
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` after checking it is an ``int`` >= 1."""
+def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
     return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` after checking it is an ``int`` >= 1."""
+    return _check_int(name, value, 1)
+
+
+def check_non_negative_int(name: str, value: Any) -> int:
+    """Return ``value`` after checking it is an ``int`` >= 0."""
+    return _check_int(name, value, 0)
 
 
 def check_fraction(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ._checks import check_choice, check_positive_int
+from ._checks import check_choice, check_non_negative_int, check_positive_int
 
 __all__ = [
     "IMAGENETTE_CLASSES",
@@ -235,7 +235,7 @@ def make_fake_imagenette(
         n_train: Training images per class.
         n_valid: Validation images per class.
         size: Nominal short side of the images in pixels (>= 16).
-        seed: Seed of the random generator.
+        seed: Seed of the random generator, an int >= 0.
 
     Returns:
         ``Path(path)``.
@@ -245,8 +245,7 @@ def make_fake_imagenette(
     check_positive_int("size", size)
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    check_non_negative_int("seed", seed)  # numpy seeds are >= 0
     root = Path(path)
     for split_idx, (split, count) in enumerate((("train", n_train), ("val", n_valid))):
         for label, wnid in enumerate(IMAGENETTE_WNIDS):

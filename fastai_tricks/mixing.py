@@ -28,7 +28,13 @@ from fastai.torch_core import TensorMask
 from torch import Tensor, nn
 
 from . import mix_ops
-from ._checks import check_fraction, check_positive, check_positive_int, check_probabilities
+from ._checks import (
+    check_fraction,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+    check_probabilities,
+)
 from ._fastai_utils import ReleaseOnDetach, is_training_batch
 from .data import IMAGENETTE_CLASSES
 
@@ -55,6 +61,12 @@ class _Drawn:
     perm: Tensor
     lam: Tensor
     paste_dense: Callable[[Tensor], Tensor] | None = None
+
+    @classmethod
+    def pasted(cls, res: mix_ops.MixResult) -> _Drawn:
+        """A mask-pasting mix (CutMix, FMix); dense targets are pasted through the same mask."""
+        perm, mask = res.perm, res.mask
+        return cls(res.x, perm, res.lam, lambda y: mix_ops.paste(y, perm, mask))
 
 
 def _check_alpha(alpha: Any) -> Alpha:
@@ -115,11 +127,7 @@ class MixCallback(ReleaseOnDetach, Callback):
         self.alpha = alpha
         self.p = check_fraction("p", p)
         self.off_pct = check_fraction("off_pct", off_pct, high_inclusive=False)
-        if isinstance(off_epochs, bool) or not isinstance(off_epochs, int):
-            raise TypeError(f"off_epochs must be an int >= 0, got {off_epochs!r} ({type(off_epochs).__name__})")
-        if off_epochs < 0:
-            raise ValueError(f"off_epochs must be an int >= 0, got {off_epochs!r}")
-        self.off_epochs = off_epochs
+        self.off_epochs = check_non_negative_int("off_epochs", off_epochs)
         self._batch: _BatchMix | None = None
 
     # --- the settable, validated alpha -----------------------------------------------------------
@@ -319,9 +327,7 @@ class CutMix(MixCallback):
 
     def draw(self, x: Tensor) -> _Drawn:
         """Paste one box per batch (or per sample) from the partners."""
-        res = mix_ops.cutmix(x, self.current_alpha(), per_sample=self.per_sample)
-        mask, perm = res.mask, res.perm
-        return _Drawn(res.x, perm, res.lam, lambda y: mix_ops.paste(y, perm, mask))
+        return _Drawn.pasted(mix_ops.cutmix(x, self.current_alpha(), per_sample=self.per_sample))
 
 
 class FMix(MixCallback):
@@ -359,9 +365,7 @@ class FMix(MixCallback):
 
     def draw(self, x: Tensor) -> _Drawn:
         """Paste through a Fourier mask drawn on ``x``'s device."""
-        res = mix_ops.fmix(x, self.current_alpha(), self.decay_power, per_sample=self.per_sample)
-        mask, perm = res.mask, res.perm
-        return _Drawn(res.x, perm, res.lam, lambda y: mix_ops.paste(y, perm, mask))
+        return _Drawn.pasted(mix_ops.fmix(x, self.current_alpha(), self.decay_power, per_sample=self.per_sample))
 
 
 class ResizeMix(MixCallback):
@@ -529,11 +533,15 @@ class ManifoldMix(MixCallback):
         super().after_fit()
         self.__dict__["_candidates"] = None
 
-    def draw(self, x: Tensor) -> _Drawn:
-        """Draw λ and a layer; mix the input now, or arm a one-shot hook on the chosen stage."""
+    def _draw_pair(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Partners and one λ for the whole batch (one layer is mixed, so one λ, as in the paper)."""
         b = x.shape[0]
         perm = mix_ops.sample_permutation(b, device=x.device)
-        lam = mix_ops.sample_lambda(1, self.current_alpha(), device=x.device).expand(b)
+        return perm, mix_ops.sample_lambda(1, self.current_alpha(), device=x.device).expand(b)
+
+    def draw(self, x: Tensor) -> _Drawn:
+        """Draw λ and a layer; mix the input now, or arm a one-shot hook on the chosen stage."""
+        perm, lam = self._draw_pair(x)
         candidates = self.__dict__.get("_candidates")
         if candidates is None:
             candidates = self._resolve()
@@ -657,8 +665,12 @@ class RandomMix(MixCallback):
     def _can_paste_dense(self) -> bool:
         return all(m._can_paste_dense() for m in self.mixes)
 
+    def _choose(self) -> MixCallback:
+        """One child, drawn by ``probs``."""
+        return random.choices(self.mixes, weights=self.probs)[0]
+
     def _draw_for_batch(self, x: Tensor) -> tuple[MixCallback, _Drawn]:
-        child = random.choices(self.mixes, weights=self.probs)[0]
+        child = self._choose()
         return child, child.draw(x)
 
     def draw(self, x: Tensor) -> _Drawn:
@@ -715,14 +727,11 @@ def show_mix_batch(dls: Any, mix: MixCallback, n: int = 9, *, figsize: tuple[flo
     batch = dls.train.one_batch()
     n_inp = getattr(dls.train, "n_inp", 1)
     x, yb = batch[0], batch[n_inp:]
-    child = mix
-    if isinstance(mix, RandomMix):
-        child = random.choices(mix.mixes, weights=mix.probs)[0]
+    child = mix._choose() if isinstance(mix, RandomMix) else mix
     if x.shape[0] < 2:
         drawn = _Drawn(x, torch.arange(x.shape[0], device=x.device), torch.ones(x.shape[0], device=x.device))
     elif isinstance(child, ManifoldMix):
-        perm = mix_ops.sample_permutation(x.shape[0], device=x.device)
-        lam = mix_ops.sample_lambda(1, child.current_alpha(), device=x.device).expand(x.shape[0])
+        perm, lam = child._draw_pair(x)
         drawn = _Drawn(mix_ops.lerp_batch(x, perm, lam), perm, lam)
     else:
         drawn = child.draw(x)

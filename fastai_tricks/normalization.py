@@ -772,12 +772,11 @@ def check_normalization(learn: Any, xb: Any = None, *, warn: bool = True) -> Nor
                 f"std={_fmt(pipe_stats[1])}. Use fastai_tricks.ensure_normalized(dls, learn)."
             )
     channel_issues = []
-    for tfm_stats in (pipe_stats,) if pipe_stats else ():
-        if n_in is not None and len(tfm_stats[0]) != n_in:
-            channel_issues.append(
-                f"the Normalize has {len(tfm_stats[0])} channels but the images have {n_in} "
-                f"(broadcasting turns them into {max(n_in, len(tfm_stats[0]))}, fastai#3820)"
-            )
+    if pipe_stats is not None and n_in is not None and len(pipe_stats[0]) != n_in:
+        channel_issues.append(
+            f"the Normalize has {len(pipe_stats[0])} channels but the images have {n_in} "
+            f"(broadcasting turns them into {max(n_in, len(pipe_stats[0]))}, fastai#3820)"
+        )
     if model_ch is not None and model_ch != x.shape[1]:
         channel_issues.append(
             f"the model's first convolution expects {model_ch} channels but batches have {x.shape[1]}"

@@ -214,7 +214,10 @@ def _check_window(start: Any, finish: Any) -> tuple[float, float]:
 
 
 def mix_alpha_at(size: Size, initial: Size, final: Size, low: float, high: float) -> float:
-    """Return the mixing strength for the current image size (EfficientNetV2's progressive regularisation).
+    """Return the mixing strength for the current image size (progressive regularisation).
+
+    EfficientNetV2's progressive learning (Tan & Le 2021, arXiv:2104.00298) strengthens
+    regularisation as the images grow.
 
     Grows linearly from ``low`` at ``initial`` to ``high`` at ``final``, measured on the side that
     grows the most; it is ``high`` when the two sizes are equal.
