@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_choice, check_fraction, check_positive, check_positive_int
+from ._checks import check_choice, check_fraction, check_non_negative_int, check_positive, check_positive_int
 from .data import DataUnavailableError, imagenette_path, make_fake_imagenette
 
 __all__ = [
@@ -127,8 +127,8 @@ class RecipeConfig:
         check_fraction("label_smoothing", self.label_smoothing, high_inclusive=False)
         check_choice("tta", self.tta, TTA_CHOICES)
         _arch(self.arch)
-        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):
-            raise ValueError(f"workers must be >= 0, got {self.workers!r}")
+        if self.workers is not None:
+            check_non_negative_int("workers", self.workers)
         self.out = Path(self.out)
         self.data = None if self.data is None else Path(self.data).expanduser()
 
@@ -252,11 +252,10 @@ def _mix_callback(cfg: RecipeConfig) -> Any:
         "cutmix": mixing.CutMix,
         "manifold": mixing.ManifoldMix,
         "fmix": mixing.FMix,
+        "resizemix": mixing.ResizeMix,
     }
     if cfg.mix in simple:
         return simple[cfg.mix](**kwargs)
-    if cfg.mix == "resizemix":
-        return mixing.ResizeMix()
     return mixing.RandomMix([mixing.MixUp(**kwargs), mixing.CutMix(**kwargs)])
 
 

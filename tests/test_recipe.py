@@ -137,3 +137,14 @@ def test_demo_config_keeps_explicit_choices_over_demo_defaults():
     cfg = demo_config(epochs=7, mix="cutmix")
     assert cfg.demo and cfg.arch == "xresnet18" and cfg.epochs == 7 and cfg.mix == "cutmix"
     assert RecipeConfig().arch == "xresnet50" and RecipeConfig().size == 128
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix", "manifold", "resizemix", "fmix", "random"])
+def test_every_mix_choice_builds_its_callback_with_the_given_alpha(mix):
+    from fastai_tricks.mixing import MixCallback
+    from fastai_tricks.recipe import training_callbacks
+
+    (cb,) = training_callbacks(demo_config(mix=mix, alpha=0.7, progressive=False))
+    assert isinstance(cb, MixCallback)
+    alphas = [m.alpha for m in cb.mixes] if mix == "random" else [cb.alpha]
+    assert alphas and all(a == 0.7 for a in alphas)
