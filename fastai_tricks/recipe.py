@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import time
 import warnings
@@ -173,7 +174,9 @@ def find_data(cfg: RecipeConfig) -> Path:
         raise DataUnavailableError(f"data folder {str(root)!r} does not exist or is not a folder")
     if _valid_folder(root, cfg.valid) in ("val", "valid"):
         return imagenette_path(root)
-    if not any(f.suffix.lower() in _IMAGE_SUFFIXES for f in root.glob("*/*")):
+    # Images sit in <class>/ folders, or one level deeper in <split>/<class>/ folders.
+    candidates = itertools.chain(root.glob("*/*"), root.glob("*/*/*"))
+    if not any(f.suffix.lower() in _IMAGE_SUFFIXES for f in candidates):
         raise DataUnavailableError(
             f"data folder {str(root)!r} holds no class folders of images; expected <class>/*.jpg "
             "or train/<class>/*.jpg with val/<class>/*.jpg"

@@ -101,6 +101,29 @@ def test_named_validation_folder_that_does_not_exist_exits_2(tmp_path, capsys):
     assert "no validation folder 'holdout'" in capsys.readouterr().err
 
 
+def test_a_named_validation_folder_splits_the_data_by_folder(tmp_path):
+    data = make_fake_imagenette(tmp_path / "d", n_train=2, n_valid=1, size=24)
+    (data / "val").rename(data / "holdout")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--valid", "holdout", "--arch", "xresnet18", "--epochs", "1", "--size", "16"]
+    argv += [
+        "--bs",
+        "8",
+        "--no-progressive",
+        "--tta",
+        "none",
+        "--normalize",
+        "none",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["n_train"], results["n_valid"]) == (20, 10)
+
+
 def test_offline_imagenette_download_exits_2_with_advice(tmp_path, capsys, monkeypatch):
     import fastai.data.external as external
 
