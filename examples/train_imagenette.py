@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not hasattr(xresnet, args.arch) or not args.arch.startswith("xres"):
         raise SystemExit(f"--arch must be a fastai xresnet name such as xresnet50, got {args.arch!r}")
+    args.out = args.out.expanduser().resolve()  # one absolute folder: the Learner's path and every file under it
     args.out.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         learn = learn.to_fp16()
 
     # Training-only callbacks go to fit(), not to the Learner, so the exported learner carries none.
-    cbs = [ProgressiveResize(initial_size=0.5, final_size=args.size), CSVLogger(fname=str(args.out / "metrics.csv"))]
+    cbs = [ProgressiveResize(initial_size=0.5, final_size=args.size), CSVLogger(fname="metrics.csv")]
     if MIXES[args.mix] is not None:
         cbs.insert(0, MIXES[args.mix]())
     start = time.perf_counter()

@@ -13,6 +13,7 @@ from .data import (
     IMAGENETTE_WNIDS,
     DataUnavailableError,
     imagenette_path,
+    make_digits,
     make_fake_imagenette,
 )
 from .distributed import (
@@ -55,6 +56,7 @@ from .resizing import (
     initial_pixels,
     mix_alpha_at,
     resize_schedule,
+    schedule_pays_off,
     schedule_progress,
     size_at,
 )
@@ -101,6 +103,7 @@ __all__ = [
     "mix_alpha_at",
     "mix_ops",
     "resize_schedule",
+    "schedule_pays_off",
     "schedule_progress",
     "show_mix_batch",
     "size_at",
@@ -109,5 +112,6 @@ __all__ = [
     "DataUnavailableError",
     "__version__",
     "imagenette_path",
+    "make_digits",
     "make_fake_imagenette",
 ]

@@ -36,6 +36,11 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
     source.add_argument("--imagenette", choices=IMAGENETTE_CHOICES, help="download Imagenette (default 160)")
     if demo_flag:
         source.add_argument("--demo", action="store_true", help="generated offline data and a small, fast model")
+        source.add_argument(
+            "--digits",
+            action="store_true",
+            help="scikit-learn's real handwritten digits (1,797 scans, offline) with a small model; implies --no-flip",
+        )
     data.add_argument("--valid", help="validation folder name (default: val or valid if present, else a random split)")
     data.add_argument("--valid-pct", type=float, help="held-out fraction for a random split (default 0.2)")
     data.add_argument("--workers", type=int, help="DataLoader worker processes (default: fastai's)")
@@ -51,11 +56,19 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
     tricks = p.add_argument_group("tricks")
     tricks.add_argument("--normalize", choices=NORMALIZE_CHOICES, help="normalization statistics (default dataset)")
     tricks.add_argument(
-        "--progressive", action=argparse.BooleanOptionalAction, help="progressive resizing (default on)"
+        "--progressive",
+        action=argparse.BooleanOptionalAction,
+        help="progressive resizing (default: on for budgets where it measured no loss, see the docs)",
     )
     tricks.add_argument("--initial-size", type=float, help="initial size: a fraction of --size or pixels (default 0.5)")
     tricks.add_argument("--resize-start", type=float, help="fraction of training where growth starts (default 0.5)")
     tricks.add_argument("--resize-finish", type=float, help="fraction where it reaches --size (default 0.75)")
+    tricks.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="random horizontal flips (default: on for --imagenette and --demo, off for --data and --digits); "
+        "pass --flip for photos, never for digits, text, road signs or anything whose meaning changes when mirrored",
+    )
     tricks.add_argument("--mix", choices=MIX_CHOICES, help="mixing callback (default none)")
     tricks.add_argument("--alpha", type=float, help="alpha of the mixing callback")
     tricks.add_argument("--label-smoothing", type=float, help="label smoothing epsilon, 0 for none (default 0.1)")
@@ -66,19 +79,21 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
 # Options that map one-to-one onto RecipeConfig fields; an option left unset keeps the config's default.
 _FIELDS = (
     "data", "imagenette", "valid", "valid_pct", "workers", "arch", "size", "epochs", "bs", "lr", "seed", "fp16",
-    "channels_last", "normalize", "progressive", "initial_size", "resize_start", "resize_finish", "mix", "alpha",
+    "channels_last", "normalize", "progressive", "flip", "initial_size", "resize_start", "resize_finish", "mix", "alpha",
     "label_smoothing", "tta", "out",
 )  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace, default_out: str) -> Any:
     """Build a :class:`~fastai_tricks.recipe.RecipeConfig` from parsed options; unset options keep their defaults."""
-    from .recipe import RecipeConfig, demo_config
+    from .recipe import RecipeConfig, demo_config, digits_config
 
     given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
     given.setdefault("out", Path(default_out))
     if getattr(args, "demo", False):
         return demo_config(**given)
+    if getattr(args, "digits", False):
+        return digits_config(**given)
     return RecipeConfig(**given)
 
 
@@ -91,7 +106,7 @@ def _summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _train(cfg: Any) -> int:
+def _train(cfg: Any, args: argparse.Namespace) -> int:
     from .recipe import run_recipe
 
     results = run_recipe(cfg)
@@ -104,10 +119,10 @@ def _train(cfg: Any) -> int:
     return 0
 
 
-def _ablation(cfg: Any) -> int:
+def _ablation(cfg: Any, args: argparse.Namespace) -> int:
     from .recipe import run_ablation
 
-    run_ablation(cfg)
+    run_ablation(cfg, seeds=args.seeds, one_at_a_time=args.one_at_a_time)
     print((cfg.out / "ablation.md").read_text())
     print(f"files written to {cfg.out}: ablation.md, ablation.csv, ablation.png")
     return 0
@@ -115,13 +130,22 @@ def _ablation(cfg: Any) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``fastai-tricks`` argument parser."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="fastai-tricks", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run the Imagenette recipe")
     _add_recipe_options(train)
     train.set_defaults(func=_train)
     ablation = sub.add_parser("ablation", help="run the chapter's tricks one at a time with the same budget")
     _add_recipe_options(ablation)
+    ablation.add_argument("--seeds", type=_positive_int, default=1, help="seeds per row: mean ± std (default 1)")
+    ablation.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="add each trick alone to the baseline instead of the chapter's cumulative order",
+    )
     ablation.set_defaults(func=_ablation)
     demo = sub.add_parser("demo", help="train --demo: generated data, small model, offline, a few minutes on CPU")
     _add_recipe_options(demo, demo_flag=False)
@@ -142,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.exit(2, f"fastai-tricks: error: {err}\n")
     try:
-        return args.func(cfg)
+        return args.func(cfg, args)
     except DataUnavailableError as err:
         parser.exit(2, f"fastai-tricks: error: {err}\n")
 

@@ -23,6 +23,7 @@ __all__ = [
     "IMAGENETTE_WNIDS",
     "DataUnavailableError",
     "imagenette_path",
+    "make_digits",
     "make_fake_imagenette",
 ]
 
@@ -256,6 +257,55 @@ def make_fake_imagenette(
             for i in range(count):
                 img = _draw_image(rng, label, size)
                 img.save(folder / f"{wnid}_{i:05d}.JPEG", format="JPEG", quality=90)
+    return root
+
+
+def make_digits(path: str | Path, size: int = 32, valid_pct: float = 0.25, seed: int = 0) -> Path:
+    """Write scikit-learn's real handwritten digits as an ImageNet-style folder, offline.
+
+    The 1,797 scans of ``sklearn.datasets.load_digits`` (8x8 pixels, 17 grey levels, ten classes)
+    ship inside scikit-learn, so this is real data that needs no download. Each scan is scaled to
+    ``size`` pixels (bilinear) and saved as a grayscale PNG under ``train/<digit>/`` or
+    ``val/<digit>/``; ``valid_pct`` of each class is held out (a stratified split, shuffled with
+    ``seed``). Digits must not be mirrored: train them without flips (``--no-flip`` in the recipe).
+
+    Args:
+        path: Folder to write into; created if needed.
+        size: Side of the written images in pixels (>= 8).
+        valid_pct: Fraction of each class held out for validation, in (0, 1).
+        seed: Seed of the split, an int >= 0.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        DataUnavailableError: scikit-learn is not installed.
+    """
+    from ._checks import check_fraction
+
+    check_positive_int("size", size)
+    if size < 8:
+        raise ValueError(f"size must be >= 8 pixels (the scans are 8x8), got {size!r}")
+    check_fraction("valid_pct", valid_pct, low_inclusive=False, high_inclusive=False)
+    check_non_negative_int("seed", seed)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn comes with fastai
+        raise DataUnavailableError("make_digits needs scikit-learn: pip install scikit-learn") from err
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    root = Path(path)
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        idx = np.flatnonzero(digits.target == label)
+        idx = idx[rng.permutation(len(idx))]
+        n_valid = max(1, round(len(idx) * valid_pct))
+        for split, part in (("val", idx[:n_valid]), ("train", idx[n_valid:])):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                img = Image.fromarray(images[i]).resize((size, size), Image.BILINEAR)
+                img.save(folder / f"{i:04d}.png")
     return root
 
 

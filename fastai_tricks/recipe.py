@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,20 +25,25 @@ from typing import Any
 import torch
 
 from ._checks import check_choice, check_fraction, check_non_negative_int, check_positive, check_positive_int
-from .data import DataUnavailableError, imagenette_path, make_fake_imagenette
+from .data import DataUnavailableError, imagenette_path, make_digits, make_fake_imagenette
 
 __all__ = [
+    "ABLATION_BASELINE",
     "ABLATION_STEPS",
+    "ABLATION_TRICKS",
     "MIX_CHOICES",
     "NORMALIZE_CHOICES",
     "TTA_CHOICES",
     "RecipeConfig",
     "build_dls",
+    "ablation_plan",
     "build_learner",
     "demo_config",
+    "digits_config",
     "find_data",
     "run_ablation",
     "run_recipe",
+    "train_plain_fastai",
 ]
 
 NORMALIZE_CHOICES = ("dataset", "imagenet", "none")
@@ -58,6 +64,8 @@ class RecipeConfig:
             train/ and val/ folders). None means real Imagenette, or the demo data with ``demo``.
         imagenette: Which Imagenette to download when ``data`` is None: '160', '320' or 'full'.
         demo: Train on generated offline data (:func:`fastai_tricks.make_fake_imagenette`).
+        digits: Train on scikit-learn's real handwritten digits, written as a folder
+            (:func:`fastai_tricks.make_digits`): real images, offline.
         valid: Name of the validation folder; None means 'val' or 'valid' if present, else a random split.
         valid_pct: Fraction of images held out when the folder has no validation split.
         arch: A fastai xresnet name (``xresnet50``) or a torchvision resnet name (``resnet18``).
@@ -66,10 +74,16 @@ class RecipeConfig:
         bs: Batch size.
         lr: Peak learning rate of the one-cycle schedule.
         normalize: 'dataset' (exact statistics of the training set), 'imagenet' or 'none'.
-        progressive: Train with :class:`fastai_tricks.ProgressiveResize`.
+        progressive: Train with :class:`fastai_tricks.ProgressiveResize`. None (the default) turns it
+            on only for budgets where it measured no accuracy loss
+            (:func:`fastai_tricks.resizing.schedule_pays_off`); True forces it on, False off.
         initial_size: Initial size of progressive resizing, a fraction of ``size`` or pixels.
         resize_start: Fraction of training at which the size starts to grow.
         resize_finish: Fraction of training at which it reaches ``size``.
+        flip: Random horizontal flips in the training augmentation. None (the default) flips
+            Imagenette and the demo data, whose labels survive mirroring, and does not flip
+            ``digits`` or a ``data`` folder: digits, text and road signs change meaning when
+            mirrored, and plain fastai does not flip either. Pass True for your own photos.
         mix: Which mixing callback to train with.
         alpha: α of the mixing callback; None uses the callback's default.
         label_smoothing: ε of :class:`fastai_tricks.LabelSmoothingCE`; 0 trains with plain cross-entropy.
@@ -84,6 +98,7 @@ class RecipeConfig:
     data: Path | None = None
     imagenette: str = "160"
     demo: bool = False
+    digits: bool = False
     valid: str | None = None
     valid_pct: float = 0.2
     arch: str = "xresnet50"
@@ -92,10 +107,11 @@ class RecipeConfig:
     bs: int = 64
     lr: float = 8e-3
     normalize: str = "dataset"
-    progressive: bool = True
+    progressive: bool | None = None
     initial_size: float = 0.5
     resize_start: float = 0.5
     resize_finish: float = 0.75
+    flip: bool | None = None
     mix: str = "none"
     alpha: float | None = None
     label_smoothing: float = 0.1
@@ -130,12 +146,38 @@ class RecipeConfig:
         _arch(self.arch)
         if self.workers is not None:
             check_non_negative_int("workers", self.workers)
-        self.out = Path(self.out)
+        if self.demo and self.digits:
+            raise ValueError("demo and digits are two data sources: choose one, got demo=True and digits=True")
+        if self.flip is None:
+            # Mirroring keeps the label of a photo, not of a digit, a letter or a road sign: flip only
+            # the data known to be photos (Imagenette, the demo shapes); a user's own folder opts in.
+            self.flip = not self.digits and (self.data is None or self.demo)
+        # Resolved once, here: the Learner's path, CSVLogger, export and every plot then agree on one
+        # absolute folder, whatever the working directory and however ``out`` was written.
+        self.out = Path(self.out).expanduser().resolve()
         self.data = None if self.data is None else Path(self.data).expanduser()
+
+    @property
+    def uses_progressive(self) -> bool:
+        """Whether this run trains with progressive resizing, once the budget guard has decided."""
+        from .resizing import schedule_pays_off
+
+        return self.progressive if self.progressive is not None else schedule_pays_off(self.epochs)
+
+    def effective(self, **changes: Any) -> RecipeConfig:
+        """This configuration with every automatic choice made explicit (two runs that train alike compare equal)."""
+        return dataclasses.replace(self, progressive=self.uses_progressive, **changes)
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as JSON-ready values."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def digits_config(**overrides: Any) -> RecipeConfig:
+    """A :class:`RecipeConfig` for scikit-learn's real digits: xresnet18, 4 epochs at 32 px, no flips."""
+    values: dict[str, Any] = dict(digits=True, arch="xresnet18", size=32, epochs=4, bs=64, lr=8e-3, workers=0)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RecipeConfig(**values)
 
 
 def demo_config(**overrides: Any) -> RecipeConfig:
@@ -167,6 +209,9 @@ def find_data(cfg: RecipeConfig) -> Path:
     """
     if cfg.demo:
         return make_fake_imagenette(cfg.out / "data", n_train=_DEMO_TRAIN, n_valid=_DEMO_VALID, size=72, seed=cfg.seed)
+    if cfg.digits:
+        # The split is fixed (seed 0) whatever the training seed, so seeds vary the training, not the data.
+        return make_digits(cfg.out / "data", size=32, valid_pct=0.25, seed=0)
     if cfg.data is None:
         return imagenette_path(size="full" if cfg.imagenette == "full" else int(cfg.imagenette))
     root = cfg.data
@@ -216,7 +261,7 @@ def build_dls(path: Path, cfg: RecipeConfig) -> Any:
         get_y=parent_label,
         splitter=splitter,
         item_tfms=Resize(int(cfg.size * 1.25)),
-        batch_tfms=aug_transforms(size=cfg.size, min_scale=0.75),
+        batch_tfms=aug_transforms(size=cfg.size, min_scale=0.75, do_flip=cfg.flip),
     )
     kwargs: dict[str, Any] = {"bs": cfg.bs}
     if cfg.workers is not None:
@@ -269,10 +314,15 @@ def training_callbacks(cfg: RecipeConfig) -> list[Any]:
     cbs: list[Any] = []
     if cfg.mix != "none":
         cbs.append(_mix_callback(cfg))
-    if cfg.progressive:
+    if cfg.uses_progressive:
+        # The recipe has already applied the budget guard (or the user forced resizing on).
         cbs.append(
             ProgressiveResize(
-                initial_size=cfg.initial_size, start=cfg.resize_start, finish=cfg.resize_finish, final_size=cfg.size
+                initial_size=cfg.initial_size,
+                start=cfg.resize_start,
+                finish=cfg.resize_finish,
+                final_size=cfg.size,
+                min_epochs=0,
             )
         )
     return cbs
@@ -384,11 +434,39 @@ def train(cfg: RecipeConfig, path: Path | None = None, *, dls: Any = None) -> tu
     cbs = training_callbacks(cfg)
     set_seed(cfg.seed, reproducible=True)
     start = time.perf_counter()
-    learn.fit_one_cycle(cfg.epochs, cfg.lr, cbs=[*cbs, CSVLogger(fname=str(cfg.out / "metrics.csv"))])
+    learn.fit_one_cycle(cfg.epochs, cfg.lr, cbs=[*cbs, CSVLogger(fname="metrics.csv")])
     times["train"] = time.perf_counter() - start
     _plot_curves(learn, cfg.out / "curves.png")
     sizes = next((list(cb.sizes) for cb in cbs if hasattr(cb, "sizes")), None)
     return learn, {"times": times, "sizes": sizes, "path": str(path)}
+
+
+def train_plain_fastai(cfg: RecipeConfig, path: Path) -> tuple[Any, float]:
+    """Train what a fastai user writes without this package: the anchor every trick is measured against.
+
+    ``ImageDataLoaders.from_folder`` with fastai's defaults (no augmentation beyond a ``Resize`` to
+    ``cfg.size``, no normalization), a from-scratch ``cfg.arch``, plain cross-entropy and
+    ``fit_one_cycle(cfg.epochs, cfg.lr)``: the same data, split, arch, budget and seed as the recipe.
+
+    Returns:
+        The trained learner and the seconds ``fit_one_cycle`` took.
+    """
+    from fastai.vision.all import ImageDataLoaders, Learner, Resize, accuracy, set_seed
+
+    set_seed(cfg.seed, reproducible=True)
+    valid = _valid_folder(path, cfg.valid)
+    kwargs: dict[str, Any] = {"bs": cfg.bs, "item_tfms": Resize(cfg.size), "seed": cfg.seed}
+    if cfg.workers is not None:
+        kwargs["num_workers"] = cfg.workers
+    if valid is not None:
+        dls = ImageDataLoaders.from_folder(path, train="train", valid=valid, **kwargs)
+    else:
+        dls = ImageDataLoaders.from_folder(path, valid_pct=cfg.valid_pct, **kwargs)
+    learn = Learner(dls, _arch(cfg.arch)(n_out=dls.c), metrics=accuracy, path=cfg.out, model_dir=".")
+    set_seed(cfg.seed, reproducible=True)
+    start = time.perf_counter()
+    learn.fit_one_cycle(cfg.epochs, cfg.lr)
+    return learn, time.perf_counter() - start
 
 
 def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
@@ -426,73 +504,214 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
 
 # --- ablation --------------------------------------------------------------------------------------
 
-#: The chapter's sequence: each step adds one trick to the one before.
-ABLATION_STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("baseline", dict(normalize="none", progressive=False, mix="none", label_smoothing=0.0, tta="none")),
-    ("+ normalization", dict(normalize="dataset")),
-    ("+ progressive resizing", dict(progressive=True)),
-    ("+ four-corner TTA", dict(tta="four-corner")),
-    ("+ mixup", dict(mix="mixup")),
-    ("+ label smoothing", dict(label_smoothing=0.1)),
+#: The recipe without any trick: the row every trick is added to.
+ABLATION_BASELINE: dict[str, Any] = dict(
+    normalize="none", progressive=False, mix="none", label_smoothing=0.0, tta="none"
 )
 
+#: The chapter's tricks, in the chapter's order, each as the change it makes to a configuration.
+ABLATION_TRICKS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("normalization", dict(normalize="dataset")),
+    ("progressive resizing", dict(progressive=True)),
+    ("four-corner TTA", dict(tta="four-corner")),
+    ("mixup", dict(mix="mixup")),
+    ("label smoothing", dict(label_smoothing=0.1)),
+)
 
-def run_ablation(cfg: RecipeConfig) -> list[dict[str, Any]]:
-    """Run the chapter's sequence of tricks with ``cfg``'s data, seed and budget.
+#: The chapter's cumulative sequence: each step adds one trick to the step before it.
+ABLATION_STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("baseline", ABLATION_BASELINE),
+    *((f"+ {name}", change) for name, change in ABLATION_TRICKS),
+)
 
-    Each step adds one trick to the step before it. The TTA step re-uses the model of the
-    progressive-resizing step (TTA changes only the evaluation) and also reports fastai's
-    ``learn.tta`` on that model for comparison. Writes ``ablation.md``, ``ablation.csv``
-    and ``ablation.png`` into ``cfg.out``.
+PLAIN_FASTAI = "plain fastai"
+RECIPE_DEFAULTS = "recipe defaults"
 
-    Returns:
-        One row per step: step, accuracy, delta to the previous step, train and eval seconds.
+
+def ablation_plan(cfg: RecipeConfig, one_at_a_time: bool = False) -> list[tuple[str, dict[str, Any] | None]]:
+    """Return the rows of an ablation as ``(name, overrides of cfg)``; ``None`` marks the plain-fastai row.
+
+    The plan starts with plain fastai and the recipe's baseline. Cumulatively (the chapter's
+    order), each row adds one trick to the row before it; with ``one_at_a_time`` each trick is
+    added alone to the baseline, so a loss can never be masked by a later gain. Both end with the
+    recipe's defaults for ``cfg``'s budget.
     """
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    path = find_data(cfg)
-    rows: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    learn = None
-    for i, (name, change) in enumerate(ABLATION_STEPS):
-        current.update(change)
-        step_cfg = dataclasses.replace(cfg, **current, out=cfg.out / f"step{i}", demo=False, data=path)
-        if name == "+ four-corner TTA" and learn is not None:
-            train_s = 0.0  # TTA changes only the evaluation: the previous step's model is reused.
+    rows: list[tuple[str, dict[str, Any] | None]] = [(PLAIN_FASTAI, None), ("baseline", dict(ABLATION_BASELINE))]
+    current = dict(ABLATION_BASELINE)
+    for name, change in ABLATION_TRICKS:
+        if one_at_a_time:
+            rows.append((f"baseline + {name}", {**ABLATION_BASELINE, **change}))
         else:
-            learn, info = train(step_cfg, path)
-            train_s = info["times"]["train"]
-        acc, eval_s = evaluate(learn, step_cfg.tta)
-        row = {"step": name, "accuracy": acc, "train_s": train_s, "eval_s": eval_s}
-        if name == "+ four-corner TTA":
-            row["fastai_tta_accuracy"], row["fastai_tta_s"] = evaluate(learn, "fastai")
-        row["delta"] = acc - rows[-1]["accuracy"] if rows else 0.0
-        rows.append(row)
-    _write_ablation(rows, cfg)
+            current = {**current, **change}
+            rows.append((f"+ {name}", dict(current)))
+    defaults = {f.name: f.default for f in dataclasses.fields(RecipeConfig) if f.name in ABLATION_BASELINE}
+    rows.append((RECIPE_DEFAULTS, defaults))
     return rows
 
 
-def _write_ablation(rows: list[dict[str, Any]], cfg: RecipeConfig) -> None:
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def run_ablation(cfg: RecipeConfig, *, seeds: int = 1, one_at_a_time: bool = False) -> list[dict[str, Any]]:
+    """Measure each trick against plain fastai and the recipe's baseline, over several seeds.
+
+    Every row trains with ``cfg``'s data, split, arch, size, epochs, batch size and learning rate.
+    The first row is plain fastai (:func:`train_plain_fastai`): what a user writes without this
+    package. A row whose only change is TTA re-uses the model of the row before it, since TTA
+    changes only the evaluation; every trained row is evaluated both without TTA (``accuracy``)
+    and with four-corner TTA (``tta_accuracy``), so TTA is measured on the baseline model as well
+    as on the trained one, and a training loss is never hidden behind the TTA gain. Seeds are
+    ``cfg.seed``, ``cfg.seed + 1``, ... Writes ``ablation.md``, ``ablation.csv`` and
+    ``ablation.png`` into ``cfg.out``.
+
+    Args:
+        cfg: The run's data and budget; the rows override only the tricks.
+        seeds: Number of seeds per row (>= 1); rows report mean and sample standard deviation.
+        one_at_a_time: Add each trick alone to the baseline instead of the chapter's cumulative order.
+
+    Returns:
+        One dict per row: ``step``, ``accuracy`` and ``accuracy_std`` (the row's own evaluation:
+        with TTA for the TTA row, without otherwise), ``tta_accuracy`` and ``tta_accuracy_std``,
+        ``delta`` (to the row it changes), ``vs_plain`` (to plain fastai), ``train_s``, ``eval_s``,
+        and ``per_seed`` accuracies.
+    """
+    check_positive_int("seeds", seeds)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    path = find_data(cfg)
+    plan = ablation_plan(cfg, one_at_a_time)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
+    for k in range(seeds):
+        seed = cfg.seed + k
+        learners: dict[str, Any] = {}
+        for i, (name, change) in enumerate(plan):
+            out = cfg.out / f"seed{seed}" / f"step{i}"
+            step_cfg = dataclasses.replace(
+                cfg, **(change or {}), seed=seed, out=out, demo=False, digits=False, data=path
+            )
+            parent = _tta_parent(plan, i)
+            run: dict[str, Any] = {}
+            if change is None:
+                learn, run["train_s"] = train_plain_fastai(step_cfg, path)
+            elif parent is not None:
+                learn, run["train_s"] = learners[parent], 0.0
+            else:
+                learn, info = train(dataclasses.replace(step_cfg, tta="none"), path)
+                run["train_s"] = info["times"]["train"]
+            learners[name] = learn
+            run["plain_accuracy"], run["eval_s"] = evaluate(learn, "none")
+            run["tta_accuracy"], run["tta_s"] = evaluate(learn, "four-corner")
+            run["accuracy"] = run["tta_accuracy"] if parent is not None else run["plain_accuracy"]
+            if parent is not None:
+                run["eval_s"] = run["tta_s"]
+                run["fastai_tta_accuracy"], run["fastai_tta_s"] = evaluate(learn, "fastai")
+            runs[name].append(run)
+    rows = _summarise(plan, runs, one_at_a_time)
+    _write_ablation(rows, cfg, seeds, one_at_a_time)
+    return rows
+
+
+def _tta_parent(plan: Sequence[tuple[str, dict[str, Any] | None]], i: int) -> str | None:
+    """The row whose model row ``i`` re-uses: the one it differs from only by ``tta``, if any."""
+    name, change = plan[i]
+    if change is None or change.get("tta", "none") == "none":
+        return None
+    trained = {k: v for k, v in change.items() if k != "tta"}
+    for prev_name, prev in plan[:i]:
+        if prev is not None and prev.get("tta", "none") == "none" and prev == {**trained, "tta": "none"}:
+            return prev_name
+    return None
+
+
+def _reference(plan: Sequence[tuple[str, dict[str, Any] | None]], i: int, one_at_a_time: bool) -> str | None:
+    """The row that row ``i`` is compared with: its TTA parent, the baseline, or the previous trained row."""
+    name = plan[i][0]
+    if name in (PLAIN_FASTAI, "baseline"):
+        return None
+    parent = _tta_parent(plan, i)
+    if parent is not None:
+        return parent
+    if one_at_a_time or name == RECIPE_DEFAULTS:
+        return "baseline"
+    return _previous_trained(plan, i)
+
+
+def _mean_gap(runs: Sequence[dict[str, Any]], refs: Sequence[dict[str, Any]]) -> float:
+    """Mean over seeds of a row's accuracy minus its reference's accuracy without TTA (same seed)."""
+    return _mean_std([r["accuracy"] - p["plain_accuracy"] for r, p in zip(runs, refs, strict=True)])[0]
+
+
+def _summarise(
+    plan: Sequence[tuple[str, dict[str, Any] | None]], runs: dict[str, list[dict[str, Any]]], one_at_a_time: bool
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for i, (name, _) in enumerate(plan):
+        per_seed = runs[name]
+        row: dict[str, Any] = {"step": name, "per_seed": [r["accuracy"] for r in per_seed]}
+        keys = ["accuracy", "tta_accuracy"] + (["fastai_tta_accuracy"] if "fastai_tta_accuracy" in per_seed[0] else [])
+        for key in keys:
+            row[key], row[f"{key}_std"] = _mean_std([r[key] for r in per_seed])
+        for key in ("train_s", "eval_s", "fastai_tta_s"):
+            if key in per_seed[0]:
+                row[key] = sum(r[key] for r in per_seed) / len(per_seed)
+        ref = _reference(plan, i, one_at_a_time)
+        row["delta"] = 0.0 if ref is None else _mean_gap(per_seed, runs[ref])
+        row["vs_plain"] = _mean_gap(per_seed, runs[PLAIN_FASTAI])
+        rows.append(row)
+    return rows
+
+
+def _previous_trained(plan: Sequence[tuple[str, dict[str, Any] | None]], i: int) -> str:
+    """The nearest earlier row that trained a model of the recipe (not plain fastai, not TTA-only)."""
+    for j in range(i - 1, 0, -1):
+        if plan[j][1] is not None and _tta_parent(plan, j) is None:
+            return plan[j][0]
+    return plan[1][0]
+
+
+def _fmt(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
+
+
+def _write_ablation(rows: list[dict[str, Any]], cfg: RecipeConfig, seeds: int, one_at_a_time: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fields = ["step", "accuracy", "delta", "train_s", "eval_s", "fastai_tta_accuracy", "fastai_tta_s"]
+    fields = [
+        "step", "accuracy", "accuracy_std", "tta_accuracy", "tta_accuracy_std", "delta", "vs_plain", "train_s",
+        "eval_s", "fastai_tta_accuracy", "fastai_tta_accuracy_std", "fastai_tta_s", "per_seed",
+    ]  # fmt: skip
     with open(cfg.out / "ablation.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        for r in rows:
+            writer.writerow({**r, "per_seed": " ".join(f"{a:.4f}" for a in r["per_seed"])})
+    source = "digits" if cfg.digits else "demo data" if cfg.demo else str(cfg.data or "Imagenette " + cfg.imagenette)
+    seed_text = f"seed {cfg.seed}" if seeds == 1 else f"mean ± std over seeds {cfg.seed}-{cfg.seed + seeds - 1}"
+    mode = "each trick alone on the baseline" if one_at_a_time else "cumulative, in the chapter's order"
     lines = [
-        f"Ablation on {'demo data' if cfg.demo else str(cfg.data or 'Imagenette ' + cfg.imagenette)}: "
-        f"{cfg.arch}, {cfg.epochs} epochs at {cfg.size} px, seed {cfg.seed}.",
+        f"Ablation on {source} ({mode}): {cfg.arch}, {cfg.epochs} epochs at {cfg.size} px, lr {cfg.lr:g}, {seed_text}.",
         "",
-        "| step | accuracy | change | train (s) | eval (s) |",
-        "|---|---|---|---|---|",
+        "| step | accuracy | with four-corner TTA | change | vs plain fastai | train (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        change = "" if r["step"] in (PLAIN_FASTAI, "baseline") else f"{100 * r['delta']:+.1f}"
+        vs_plain = "" if r["step"] == PLAIN_FASTAI else f"{100 * r['vs_plain']:+.1f}"
         lines.append(
-            f"| {r['step']} | {r['accuracy']:.4f} | {r['delta']:+.4f} | {r['train_s']:.1f} | {r['eval_s']:.1f} |"
+            f"| {r['step']} | {_fmt(r['accuracy'], r['accuracy_std'], seeds)} "
+            f"| {_fmt(r['tta_accuracy'], r['tta_accuracy_std'], seeds)} | {change} | {vs_plain} | {r['train_s']:.1f} |"
         )
+    lines += [
+        "",
+        "Changes are in points of accuracy, against the row each step changes (the baseline when one at a time; "
+        "the model without TTA for a TTA row), averaged over seeds.",
+    ]
     tta_row = next((r for r in rows if "fastai_tta_accuracy" in r), None)
     if tta_row is not None:
         lines += [
@@ -500,15 +719,20 @@ def _write_ablation(rows: list[dict[str, Any]], cfg: RecipeConfig) -> None:
             f"fastai's `learn.tta()` on the same model: accuracy {tta_row['fastai_tta_accuracy']:.4f} "
             f"in {tta_row['fastai_tta_s']:.1f} s (four-corner TTA: {tta_row['accuracy']:.4f} in {tta_row['eval_s']:.1f} s).",
         ]
-    worse = [r["step"] for r in rows[1:] if r["delta"] < 0]
+    worse = [r["step"] for r in rows if r["step"] not in (PLAIN_FASTAI, "baseline") and r["delta"] < 0]
     if worse:
-        lines += ["", f"Did not help on this budget: {', '.join(worse)}. Mixup in particular needs many epochs."]
+        lines += ["", f"Lost accuracy on this budget: {', '.join(worse)}."]
     (cfg.out / "ablation.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color="tab:blue")
-    ax.set_xticks(range(len(rows)), [r["step"] for r in rows], rotation=20, ha="right")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(rows))
+    ax.bar(x, [r["accuracy"] for r in rows], yerr=[r["accuracy_std"] for r in rows], capsize=4, color="tab:blue")
+    ax.axhline(rows[0]["accuracy"], color="tab:orange", linestyle="--", label=PLAIN_FASTAI)
+    ax.set_xticks(list(x), [r["step"] for r in rows], rotation=20, ha="right")
     ax.set_ylabel("validation accuracy")
-    ax.set_ylim(0, 1)
+    low = min(r["accuracy"] - r["accuracy_std"] for r in rows)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.legend(loc="lower right")
+    ax.set_title(f"{source}: {cfg.epochs} epochs, {seed_text}", fontsize=10)
     fig.tight_layout()
     fig.savefig(cfg.out / "ablation.png", dpi=100)
     plt.close(fig)

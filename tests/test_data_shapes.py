@@ -54,7 +54,7 @@ MIXERS = {
 }
 TRAINING = {
     **MIXERS,
-    "progressive_resize": lambda: ProgressiveResize(start=0.0, finish=1.0),
+    "progressive_resize": lambda: ProgressiveResize(min_epochs=0, start=0.0, finish=1.0),
     "normalization_check": lambda: NormalizationCheck(),
 }
 ALL = {**TRAINING, "four_corner_tta": lambda: FourCornerTTA()}
@@ -173,14 +173,14 @@ def test_a_crop_bigger_than_the_images_raises_naming_both_sizes():
 def test_an_initial_size_bigger_than_the_images_raises_at_the_first_batch_naming_both():
     learn = learner(tensor_dls((3, 32, 32)))
     with pytest.raises(ValueError, match=r"initial_size must not be larger than final_size \(32, 32\), got 48"):
-        learn.fit(1, cbs=ProgressiveResize(initial_size=48))
+        learn.fit(1, cbs=ProgressiveResize(min_epochs=0, initial_size=48))
     learn.fit(1)  # and the learner is still usable
 
 
 def test_a_final_size_bigger_than_the_images_grows_them_to_that_size():
     spy = Spy()
     learn = learner(tensor_dls((3, 16, 16), n_train=16))
-    learn.fit(2, cbs=[ProgressiveResize(initial_size=16, final_size=32, start=0.0, finish=1.0), spy])
+    learn.fit(2, cbs=[ProgressiveResize(min_epochs=0, initial_size=16, final_size=32, start=0.0, finish=1.0), spy])
     assert tuple(spy.train[0].shape[-2:]) == (16, 16) and tuple(spy.train[-1].shape[-2:]) == (32, 32)
     assert all(tuple(x.shape[-2:]) == (16, 16) for x in spy.valid)  # validation keeps the data's size
 

@@ -69,7 +69,7 @@ def _all_training_cbs() -> list[Callback]:
         ResizeMix(),
         FMix(),
         RandomMix([MixUp(), CutMix(), ManifoldMix(modules=STAGES), ResizeMix(), FMix()]),
-        ProgressiveResize(start=0.0, finish=1.0, mix_alpha=(0.2, 0.4)),
+        ProgressiveResize(min_epochs=0, start=0.0, finish=1.0, mix_alpha=(0.2, 0.4)),
         NormalizationCheck(),
     ]
 
@@ -83,12 +83,16 @@ CONFIGS = {
     "fmix": lambda: ([FMix()], []),
     "randommix": lambda: ([RandomMix([MixUp(), CutMix(), ManifoldMix(modules=STAGES), ResizeMix(), FMix()])], []),
     # start=0 so that the first (faulted) epoch already trains below full size.
-    "progressive_resize": lambda: ([ProgressiveResize(start=0.0, finish=1.0)], []),
+    "progressive_resize": lambda: ([ProgressiveResize(min_epochs=0, start=0.0, finish=1.0)], []),
     "four_corner_tta": lambda: ([], [FourCornerTTA()]),
     "normalization_check": lambda: ([NormalizationCheck()], []),
     # ProgressiveResize changes the mixing callbacks' alpha at every batch: a fault must not leave it changed.
     "resize_drives_alpha": lambda: (
-        [MixUp(), ManifoldMix(modules=STAGES), ProgressiveResize(mix_alpha=(0.2, 0.4), start=0.0, finish=1.0)],
+        [
+            MixUp(),
+            ManifoldMix(modules=STAGES),
+            ProgressiveResize(min_epochs=0, mix_alpha=(0.2, 0.4), start=0.0, finish=1.0),
+        ],
         [],
     ),
     "all": lambda: (_all_training_cbs(), [FourCornerTTA(flip=True)]),
@@ -282,7 +286,7 @@ def test_fault_matrix_covers_every_callback_every_event_and_every_exception():
 def test_progressive_resize_mix_alpha_gives_randommix_children_their_own_alpha_back(fault_data):
     mix = RandomMix([MixUp(alpha=0.4), CutMix(alpha=1.0)])
     learn = make_learner(fault_data)
-    quiet_fit(learn, cbs=[mix, ProgressiveResize(mix_alpha=(0.2, 0.4), start=0.0, finish=1.0)])
+    quiet_fit(learn, cbs=[mix, ProgressiveResize(min_epochs=0, mix_alpha=(0.2, 0.4), start=0.0, finish=1.0)])
     assert [m.alpha for m in mix.mixes] == [0.4, 1.0]
     assert mix.alpha is None
 

@@ -6,9 +6,21 @@ import urllib.error
 
 import pytest
 
+from fastai_tricks import recipe
 from fastai_tricks.cli import main
 from fastai_tricks.data import make_fake_imagenette
-from fastai_tricks.recipe import ABLATION_STEPS, RecipeConfig, demo_config
+from fastai_tricks.recipe import (
+    ABLATION_STEPS,
+    ABLATION_TRICKS,
+    PLAIN_FASTAI,
+    RECIPE_DEFAULTS,
+    RecipeConfig,
+    ablation_plan,
+    demo_config,
+    digits_config,
+    training_callbacks,
+)
+from fastai_tricks.resizing import MIN_EPOCHS, ProgressiveResize
 
 
 def _flat_class_folder(root, n=6):
@@ -26,7 +38,8 @@ def test_train_demo_writes_every_output_and_beats_chance(tmp_path, capsys):
     from fastai.vision.all import load_learner
 
     out = tmp_path / "run"
-    assert main(["train", "--demo", "--epochs", "2", "--size", "48", "--out", str(out)]) == 0
+    # --progressive forces resizing on: two epochs are below the budget guard's default.
+    assert main(["train", "--demo", "--epochs", "2", "--size", "48", "--progressive", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "final accuracy:" in printed
     for name in ("metrics.csv", "results.json", "curves.png", "schedule.png", "export.pkl"):
@@ -65,13 +78,14 @@ def test_ablation_demo_with_a_tiny_budget_writes_its_table(tmp_path, capsys):
     argv = ["ablation", "--demo", "--epochs", "1", "--size", "32", "--out", str(out)]
     assert main(argv) == 0
     table = (out / "ablation.md").read_text()
-    for name, _ in ABLATION_STEPS:
+    names = [PLAIN_FASTAI, *(name for name, _ in ABLATION_STEPS), RECIPE_DEFAULTS]
+    for name in names:
         assert f"| {name} |" in table
     assert "fastai's `learn.tta()`" in table
     with open(out / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["step"] for r in rows] == [name for name, _ in ABLATION_STEPS]
-    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert [r["step"] for r in rows] == names
+    assert all(0.0 <= float(r[key]) <= 1.0 for r in rows for key in ("accuracy", "tta_accuracy"))
     assert (out / "ablation.png").is_file()
     assert "ablation.md" in capsys.readouterr().out
 
@@ -171,3 +185,112 @@ def test_every_mix_choice_builds_its_callback_with_the_given_alpha(mix):
     assert isinstance(cb, MixCallback)
     alphas = [m.alpha for m in cb.mixes] if mix == "random" else [cb.alpha]
     assert alphas and all(a == 0.7 for a in alphas)
+
+
+# --- the ablation's bookkeeping, on a fake trainer ----------------------------------------------------
+
+
+class _FakeLearner:
+    def __init__(self, acc):
+        self.acc = acc
+
+
+def _fake_accuracy(cfg):
+    """A made-up accuracy that each trick moves by a known amount, and each seed by 0.01."""
+    acc = 0.5 + 0.01 * cfg.seed
+    acc += 0.10 * (cfg.normalize != "none") - 0.05 * bool(cfg.progressive) + 0.03 * (cfg.mix != "none")
+    return acc - 0.02 * (cfg.label_smoothing > 0)
+
+
+@pytest.fixture
+def fake_training(monkeypatch, tmp_path):
+    trained = []
+
+    def train(cfg, path):
+        trained.append(cfg)
+        return _FakeLearner(_fake_accuracy(cfg)), {"times": {"train": 2.0}, "sizes": None}
+
+    def train_plain_fastai(cfg, path):
+        return _FakeLearner(0.6 + 0.01 * cfg.seed), 1.0
+
+    def evaluate(learn, tta):
+        return learn.acc + {"none": 0.0, "four-corner": 0.02, "fastai": 0.01}[tta], 0.5
+
+    monkeypatch.setattr(recipe, "train", train)
+    monkeypatch.setattr(recipe, "train_plain_fastai", train_plain_fastai)
+    monkeypatch.setattr(recipe, "evaluate", evaluate)
+    monkeypatch.setattr(recipe, "find_data", lambda cfg: tmp_path)
+    monkeypatch.setattr(recipe, "_write_ablation", lambda *args: None)
+    return trained
+
+
+def test_cumulative_ablation_compares_each_step_with_the_step_it_changes_over_seeds(fake_training, tmp_path):
+    cfg = RecipeConfig(data=tmp_path, epochs=MIN_EPOCHS, out=tmp_path / "out")
+    rows = {r["step"]: r for r in recipe.run_ablation(cfg, seeds=2)}
+    assert list(rows) == [PLAIN_FASTAI, *(name for name, _ in ABLATION_STEPS), RECIPE_DEFAULTS]
+    plain, base = rows[PLAIN_FASTAI], rows["baseline"]
+    assert plain["accuracy"] == pytest.approx(0.605) and plain["accuracy_std"] == pytest.approx(0.01 / 2**0.5)
+    assert base["accuracy"] == pytest.approx(0.505) and base["vs_plain"] == pytest.approx(-0.1)
+    assert rows["+ normalization"]["delta"] == pytest.approx(0.10)
+    assert rows["+ progressive resizing"]["delta"] == pytest.approx(-0.05)
+    tta = rows["+ four-corner TTA"]
+    # TTA trains nothing: its accuracy is TTA on the previous model, its change is TTA's alone.
+    assert tta["train_s"] == 0.0 and tta["delta"] == pytest.approx(0.02)
+    assert tta["fastai_tta_accuracy"] == pytest.approx(rows["+ progressive resizing"]["accuracy"] + 0.01)
+    # Later steps are scored without TTA, against the last trained step: the TTA gain hides nothing.
+    assert rows["+ mixup"]["delta"] == pytest.approx(0.03)
+    assert rows["+ mixup"]["tta_accuracy"] == pytest.approx(rows["+ mixup"]["accuracy"] + 0.02)
+    assert rows["+ label smoothing"]["delta"] == pytest.approx(-0.02)
+    assert rows["+ label smoothing"]["per_seed"] == pytest.approx([0.56, 0.57])
+    # Five trained recipe steps (TTA re-uses a model) plus the defaults row, for each of the two seeds.
+    assert len(fake_training) == 2 * 6 and {c.seed for c in fake_training} == {0, 1}
+    assert all(c.tta == "none" for c in fake_training)
+
+
+def test_one_at_a_time_ablation_adds_each_trick_alone_to_the_baseline(fake_training, tmp_path):
+    cfg = RecipeConfig(data=tmp_path, epochs=MIN_EPOCHS, out=tmp_path / "out")
+    plan = ablation_plan(cfg, one_at_a_time=True)
+    assert [name for name, _ in plan] == [
+        PLAIN_FASTAI, "baseline", *(f"baseline + {name}" for name, _ in ABLATION_TRICKS), RECIPE_DEFAULTS,
+    ]  # fmt: skip
+    rows = {r["step"]: r for r in recipe.run_ablation(cfg, one_at_a_time=True)}
+    assert rows["baseline + progressive resizing"]["delta"] == pytest.approx(-0.05)
+    assert rows["baseline + mixup"]["delta"] == pytest.approx(0.03)
+    assert rows["baseline + label smoothing"]["delta"] == pytest.approx(-0.02)
+    assert rows["baseline + four-corner TTA"]["delta"] == pytest.approx(0.02)
+    assert rows["baseline + four-corner TTA"]["train_s"] == 0.0  # TTA on the baseline's own model
+
+
+def test_ablation_rejects_a_seed_count_below_one(tmp_path):
+    with pytest.raises(ValueError, match="seeds"):
+        recipe.run_ablation(RecipeConfig(data=tmp_path, out=tmp_path / "out"), seeds=0)
+
+
+# --- defaults that follow the data and the budget -----------------------------------------------------
+
+
+def test_flips_are_on_for_photos_and_off_for_digits_and_a_users_own_folder(tmp_path):
+    assert demo_config().flip is True and RecipeConfig().flip is True  # demo shapes, Imagenette
+    assert digits_config().flip is False
+    assert RecipeConfig(data=tmp_path).flip is False
+    assert RecipeConfig(data=tmp_path, flip=True).flip is True and digits_config(flip=True).flip is True
+
+
+def test_progressive_resizing_is_off_below_the_budget_guard_and_forced_on_when_asked():
+    assert training_callbacks(digits_config(epochs=MIN_EPOCHS - 1)) == []
+    (cb,) = training_callbacks(digits_config(epochs=MIN_EPOCHS))
+    assert isinstance(cb, ProgressiveResize)
+    (forced,) = training_callbacks(digits_config(epochs=1, progressive=True))
+    assert isinstance(forced, ProgressiveResize) and forced.min_epochs == 0
+    assert training_callbacks(digits_config(epochs=MIN_EPOCHS, progressive=False)) == []
+    assert digits_config(epochs=1).effective() == digits_config(epochs=1, progressive=False).effective()
+
+
+def test_demo_and_digits_are_two_sources_not_one():
+    with pytest.raises(ValueError, match="demo=True and digits=True"):
+        RecipeConfig(demo=True, digits=True)
+
+
+def test_a_relative_out_is_resolved_once_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert RecipeConfig(out="runs/x").out == tmp_path / "runs" / "x"

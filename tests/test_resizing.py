@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ CASES = {
 def test_every_training_batch_has_the_scheduled_size_and_validation_is_full_size(fake_imagenette, case, schedule):
     learn = _learner(fake_imagenette, **CASES[case])
     before = _tfm_sizes(learn)
-    spy, pr = Spy(), ProgressiveResize(schedule=schedule)
+    spy, pr = Spy(), ProgressiveResize(min_epochs=0, schedule=schedule)
     _fit(learn, 2, [pr, spy])
     final = spy.valid[0]
     assert set(spy.valid) == {final}
@@ -233,7 +234,7 @@ def test_with_a_size_fixing_augmentation_the_small_batch_comes_from_the_augmenta
 
     monkeypatch.setattr(resizing, "_interpolate", no_interpolation)
     spy = Spy()
-    _fit(learn, 1, [ProgressiveResize(start=0.0, finish=1.0), spy])
+    _fit(learn, 1, [ProgressiveResize(min_epochs=0, start=0.0, finish=1.0), spy])
     assert spy.train[0] == (16, 16) and spy.train[-1] == (32, 32)
 
 
@@ -241,7 +242,7 @@ def test_resize_items_shrinks_the_item_resize_in_epoch_schedule(fake_imagenette,
     learn = _learner(fake_imagenette, size=32)
     monkeypatch.setattr(resizing, "_interpolate", lambda *a, **k: pytest.fail("items should come small"))
     spy = Spy()
-    _fit(learn, 2, [ProgressiveResize(schedule="epoch", resize_items=True), spy])
+    _fit(learn, 2, [ProgressiveResize(min_epochs=0, schedule="epoch", resize_items=True), spy])
     n = len(learn.dls.train)
     assert spy.train == [(16, 16)] * n + [(32, 32)] * n
     assert learn.dls.train.after_item.resize.size == (32, 32)
@@ -250,7 +251,7 @@ def test_resize_items_shrinks_the_item_resize_in_epoch_schedule(fake_imagenette,
 def test_a_no_op_schedule_trains_exactly_like_no_callback(fake_imagenette):
     """The per-fit loader copy shuffles and augments exactly like the learner's own loader."""
     losses = []
-    for cbs in ([], [ProgressiveResize(initial_size=1.0)]):
+    for cbs in ([], [ProgressiveResize(min_epochs=0, initial_size=1.0)]):
         learn = _learner(fake_imagenette, **CASES["aug_transforms-rrc"])
         _fit(learn, 1, cbs)
         losses.append(learn.recorder.losses)
@@ -259,7 +260,7 @@ def test_a_no_op_schedule_trains_exactly_like_no_callback(fake_imagenette):
 
 def test_each_of_fine_tunes_two_fits_runs_its_own_schedule(fake_imagenette):
     learn = _learner(fake_imagenette, **CASES["aug_transforms"])
-    spy, pr = Spy(), ProgressiveResize(start=0.0, finish=1.0)
+    spy, pr = Spy(), ProgressiveResize(min_epochs=0, start=0.0, finish=1.0)
     learn.add_cbs([pr, spy])
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(1, freeze_epochs=1)
@@ -275,7 +276,7 @@ def test_each_of_fine_tunes_two_fits_runs_its_own_schedule(fake_imagenette):
 def test_after_an_exception_mid_fit_validate_and_predict_use_full_size(fake_imagenette, tmp_path, exc, attached):
     learn = _learner(fake_imagenette, **CASES["aug_transforms"])
     before = _tfm_sizes(learn)
-    pr = ProgressiveResize()
+    pr = ProgressiveResize(min_epochs=0)
     if attached:
         learn.add_cb(pr)
     fail = Spy(fail_at=2, exc=exc)
@@ -301,7 +302,7 @@ def test_an_interrupt_while_the_first_batch_loads_leaves_learn_dl_on_the_learner
     fake_imagenette, tmp_path, monkeypatch, attached
 ):
     learn = _learner(fake_imagenette, **CASES["aug_transforms"])
-    pr = ProgressiveResize()
+    pr = ProgressiveResize(min_epochs=0)
     if attached:
         learn.add_cb(pr)
 
@@ -319,7 +320,7 @@ def test_an_interrupt_while_the_first_batch_loads_leaves_learn_dl_on_the_learner
 
 def test_resize_valid_validates_at_the_current_training_size(fake_imagenette):
     learn = _learner(fake_imagenette, size=32)
-    spy, pr = Spy(), ProgressiveResize(resize_valid=True, schedule="epoch")
+    spy, pr = Spy(), ProgressiveResize(min_epochs=0, resize_valid=True, schedule="epoch")
     learn.add_cbs([pr, spy])
     _fit(learn, 2, [])
     n_valid = len(learn.dls.valid)
@@ -333,7 +334,7 @@ def test_resize_valid_validates_at_the_current_training_size(fake_imagenette):
 
 def test_lr_find_is_left_at_full_size(fake_imagenette):
     learn = _learner(fake_imagenette, size=32)
-    spy, pr = Spy(), ProgressiveResize()
+    spy, pr = Spy(), ProgressiveResize(min_epochs=0)
     learn.add_cbs([pr, spy])
     with learn.no_bar(), learn.no_logging():
         learn.lr_find(num_it=5, show_plot=False)
@@ -346,7 +347,7 @@ def test_a_batch_that_is_not_4d_raises_naming_its_shape():
     dls = DataLoaders(DataLoader(items, bs=4), DataLoader(items, bs=4))
     learn = Learner(dls, torch.nn.Linear(5, 2), loss_func=CrossEntropyLossFlat())
     with pytest.raises(ValueError, match=r"4-D.*\(4, 5\)"):
-        _fit(learn, 1, [ProgressiveResize()])
+        _fit(learn, 1, [ProgressiveResize(min_epochs=0)])
 
 
 class _CancelAtFirstBatch(Callback):
@@ -362,7 +363,7 @@ def test_warns_when_cudnn_benchmark_is_on(fake_imagenette):
     torch.backends.cudnn.benchmark = True
     try:
         with pytest.warns(UserWarning, match="cudnn.benchmark"):
-            _fit(learn, 1, [ProgressiveResize(), _CancelAtFirstBatch()])
+            _fit(learn, 1, [ProgressiveResize(min_epochs=0), _CancelAtFirstBatch()])
     finally:
         torch.backends.cudnn.benchmark = old
 
@@ -371,13 +372,13 @@ def test_warns_when_the_model_is_compiled_and_recommends_dynamic(fake_imagenette
     learn = _learner(fake_imagenette, size=32)
     learn.model = torch.compile(learn.model, backend="eager")  # never called: the fit stops at the first batch
     with pytest.warns(UserWarning, match="dynamic=True"):
-        _fit(learn, 1, [ProgressiveResize(), _CancelAtFirstBatch()])
+        _fit(learn, 1, [ProgressiveResize(min_epochs=0), _CancelAtFirstBatch()])
 
 
 def test_reserve_memory_leaves_batchnorm_statistics_and_gradients_as_they_were(fake_imagenette):
     learn = _learner(fake_imagenette, size=32)
     buffers = [b.clone() for b in learn.model.buffers()]
-    _fit(learn, 1, [ProgressiveResize(reserve_memory=True), _CancelAtFirstBatch()])
+    _fit(learn, 1, [ProgressiveResize(min_epochs=0, reserve_memory=True), _CancelAtFirstBatch()])
     assert all(torch.equal(a, b) for a, b in zip(buffers, learn.model.buffers(), strict=True))
     assert all(p.grad is None for p in learn.model.parameters())
 
@@ -386,7 +387,7 @@ def test_plot_schedule_draws_size_and_learning_rate(fake_imagenette):
     import matplotlib
 
     matplotlib.use("Agg")
-    pr = ProgressiveResize()
+    pr = ProgressiveResize(min_epochs=0)
     with pytest.raises(RuntimeError, match="fit first"):
         pr.plot_schedule()
     learn = _learner(fake_imagenette, size=32)
@@ -401,7 +402,7 @@ def test_plot_schedule_draws_size_and_learning_rate(fake_imagenette):
 
 def test_the_callback_is_reachable_from_the_learner(fake_imagenette):
     learn = _learner(fake_imagenette, size=32)
-    learn.add_cb(ProgressiveResize())
+    learn.add_cb(ProgressiveResize(min_epochs=0))
     assert isinstance(learn.progressive_resize, ProgressiveResize)
 
 
@@ -420,7 +421,7 @@ def test_mixing_callbacks_attached_with_progressive_resize_get_alpha_growing_wit
 
     learn = _learner(fake_imagenette, **CASES["aug_transforms"])
     mixup, cutmix, spy = MixUp(alpha=0.4), CutMix(alpha=1.0, p=0.5), AlphaSpy()
-    pr = ProgressiveResize(start=0.0, finish=1.0, mix_alpha=(0.1, 0.5))
+    pr = ProgressiveResize(min_epochs=0, start=0.0, finish=1.0, mix_alpha=(0.1, 0.5))
     _fit(learn, 1, [pr, mixup, cutmix, spy])
     initial, final = (16, 16), (32, 32)
     assert [s for s, _, _ in spy.seen] == pr.sizes and pr.sizes[0] == initial
@@ -438,7 +439,61 @@ def test_mixing_alphas_are_put_back_after_an_exception_mid_fit(fake_imagenette, 
     learn = _learner(fake_imagenette, size=32)
     mixup = MixUp(alpha=0.4)
     learn.add_cb(mixup)
-    pr = ProgressiveResize(start=0.0, finish=1.0, mix_alpha=(0.1, 0.5))
+    pr = ProgressiveResize(min_epochs=0, start=0.0, finish=1.0, mix_alpha=(0.1, 0.5))
     with pytest.raises(exc):
         _fit(learn, 1, [pr, Spy(fail_at=2, exc=exc)])  # raises in before_batch, after the alpha was set
     assert mixup.alpha == 0.4
+
+
+# --- the budget guard ----------------------------------------------------------------------------------
+
+
+@given(st.integers(1, 200), st.integers(0, 200))
+def test_the_schedule_runs_exactly_from_min_epochs_on(n_epoch, min_epochs):
+    assert resizing.schedule_pays_off(n_epoch, min_epochs) == (n_epoch >= min_epochs)
+    assert resizing.schedule_pays_off(n_epoch, 0)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "8", True])
+def test_min_epochs_must_be_a_non_negative_int(bad):
+    with pytest.raises((TypeError, ValueError), match="min_epochs"):
+        ProgressiveResize(min_epochs=bad)
+
+
+def test_a_fit_shorter_than_min_epochs_trains_at_full_size_and_says_why(fake_imagenette):
+    learn = _learner(fake_imagenette, **CASES["aug_transforms"])
+    spy, pr = Spy(), ProgressiveResize(min_epochs=3)
+    with pytest.warns(UserWarning, match=r"2-epoch fit is shorter than min_epochs=3"):
+        _fit(learn, 2, [pr, spy])
+    assert set(spy.train) == {(32, 32)} and pr.sizes == []
+    spy.train.clear()
+    _fit(learn, 3, [pr, spy])  # long enough: the same callback resizes the next fit
+    assert spy.train[0] == (16, 16) and spy.train[-1] == (32, 32)
+
+
+def _demo_accuracy(path, cbs):
+    """Accuracy of a seeded xresnet18 one-cycle fit on generated data, presized as the recipe does."""
+    from fastai.vision.all import ImageDataLoaders, Resize, accuracy, set_seed, xresnet18
+
+    set_seed(0, reproducible=True)
+    dls = ImageDataLoaders.from_folder(
+        path, valid="val", bs=32, num_workers=0, seed=0, item_tfms=Resize(40), batch_tfms=aug_transforms(size=32)
+    )
+    learn = Learner(dls, xresnet18(n_out=dls.c), metrics=accuracy)
+    set_seed(0, reproducible=True)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learn.fit_one_cycle(3, 1e-2, cbs=cbs)
+        return float(learn.validate()[1]), caught
+
+
+def test_default_progressive_resize_is_within_0_3_points_of_a_fixed_size_fit_on_demo_data(tmp_path):
+    """The default on a short budget: the schedule that lost on real data (issue 11) is guarded off."""
+    from fastai_tricks.data import make_fake_imagenette
+
+    path = make_fake_imagenette(tmp_path, n_train=30, n_valid=30, size=40, seed=0)
+    fixed, _ = _demo_accuracy(path, [])
+    pr = ProgressiveResize()
+    progressive, caught = _demo_accuracy(path, [pr])
+    assert progressive >= fixed - 0.003, (progressive, fixed)
+    assert any("min_epochs" in str(w.message) for w in caught)

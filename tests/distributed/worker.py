@@ -188,7 +188,7 @@ def check_resize(path: Path) -> dict[str, Any]:
 
     learn = new_learner(path)
     mix = MixUp(alpha=0.4)
-    resize = ProgressiveResize(initial_size=0.5, start=0.0, finish=1.0, mix_alpha=(0.1, 0.4))
+    resize = ProgressiveResize(min_epochs=0, initial_size=0.5, start=0.0, finish=1.0, mix_alpha=(0.1, 0.4))
     probe = _SizeProbe(mix)
     n_epoch = 2
     with learn.distrib_ctx(**ctx_kwargs()):
