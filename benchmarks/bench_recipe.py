@@ -18,17 +18,24 @@ validation images at 64 px).
 Targets (issue 11): on the digits, recipe defaults >= plain fastai - 0.3 point; default
 progressive resizing >= fixed size - 0.3 point at <= 0.80x its fit time, or guarded off.
 
+``--curve 4 8 16`` measures instead how progressive resizing's accuracy gap to a fixed-size fit
+changes with the budget, for several schedules, on the digits (label smoothing off, so that only
+the image size differs): the measurement behind ``ProgressiveResize``'s ``min_epochs`` guard.
+
 Usage::
 
     python benchmarks/bench_recipe.py                  # digits and demo, 3 seeds, 4 epochs
     python benchmarks/bench_recipe.py --epochs 8       # a longer budget
+    python benchmarks/bench_recipe.py --curve 4 8 16   # progressive resizing against the budget
     python benchmarks/bench_recipe.py --quick          # 1 seed, 1 epoch, digits only: a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import platform
 import statistics
@@ -74,17 +81,57 @@ def arms(base: RecipeConfig) -> dict[str, RecipeConfig | None]:
 
 def run_arm(cfg: RecipeConfig, path: Path, plain: bool) -> dict[str, float]:
     sizes = None
-    if plain:
-        learn, fit_s = train_plain_fastai(cfg, path)
-    else:
-        learn, info = train(cfg, path)
-        fit_s, sizes = info["times"]["train"], info["sizes"]
-    with learn.no_bar(), learn.no_logging():
-        acc, _ = evaluate(learn, "none")
-        acc_tta, _ = evaluate(learn, "four-corner")
+    # fastai's progress bars and epoch tables would bury the Markdown this script prints.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        if plain:
+            learn, fit_s = train_plain_fastai(cfg, path)
+        else:
+            learn, info = train(cfg, path)
+            fit_s, sizes = info["times"]["train"], info["sizes"]
+        with learn.no_bar(), learn.no_logging():
+            acc, _ = evaluate(learn, "none")
+            acc_tta, _ = evaluate(learn, "four-corner")
     # Whether the fit really ran at more than one size (the budget guard may have kept it fixed).
     resized = bool(sizes) and len({tuple(s) for s in sizes}) > 1
     return {"accuracy": acc, "accuracy_tta": acc_tta, "fit_s": fit_s, "resized": resized}
+
+
+#: The progressive-resizing schedules of the budget curve, as recipe options.
+SCHEDULES: dict[str, dict[str, float]] = {
+    "default: initial 0.5, start 0.25, finish 0.5": {},
+    "old default: initial 0.5, start 0.5, finish 0.75": {"resize_start": 0.5, "resize_finish": 0.75},
+    "initial 0.75, start 0.5, finish 0.75": {"initial_size": 0.75, "resize_start": 0.5, "resize_finish": 0.75},
+}
+
+
+def budget_curve(epochs_list: list[int], seeds: int, tmp: Path, json_path: Path | None) -> None:
+    """Print progressive resizing's accuracy and time against a fixed-size fit, per budget and schedule."""
+    print(f"\n### Progressive resizing against the budget: digits, seeds 0-{seeds - 1}\n")
+    print(f"Hardware: {hardware()}.\n")
+    print("| epochs | run | accuracy | vs fixed size | fit time (s) | time vs fixed |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for epochs in epochs_list:
+        base = digits_config(epochs=epochs, label_smoothing=0.0, tta="none", out=tmp / "curve")
+        path = find_data(base)
+        runs: dict[str, list[dict[str, float]]] = {}
+        for seed in range(seeds):
+            for name, options in {"fixed size": None, **SCHEDULES}.items():
+                cfg = dataclasses.replace(
+                    base, seed=seed, progressive=options is not None, **(options or {}), out=tmp / "curve" / "run"
+                )
+                run = run_arm(cfg, path, plain=False)
+                runs.setdefault(name, []).append(run)
+                if json_path:
+                    with open(json_path, "a") as f:
+                        f.write(json.dumps({"curve": name, "seed": seed, "epochs": epochs, **run}) + "\n")
+        fixed = runs["fixed size"]
+        fixed_s = statistics.fmean(r["fit_s"] for r in fixed)
+        for name, rs in runs.items():
+            acc = mean_std([r["accuracy"] for r in rs])
+            gap = statistics.fmean(100 * (r["accuracy"] - f["accuracy"]) for r, f in zip(rs, fixed, strict=True))
+            fit_s = statistics.fmean(r["fit_s"] for r in rs)
+            vs = "" if name == "fixed size" else f"{gap:+.1f}"
+            print(f"| {epochs} | {name} | {acc[0]:.4f} ± {acc[1]:.4f} | {vs} | {fit_s:.1f} | {fit_s / fixed_s:.2f}x |")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -99,6 +146,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", choices=("digits", "demo"), default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", type=Path, default=None, help="also write every run as JSON lines here")
+    parser.add_argument("--curve", type=int, nargs="+", default=None, help="budget curve at these epochs instead")
     args = parser.parse_args()
     seeds = args.seeds or (1 if args.quick else 3)
     epochs = args.epochs or (1 if args.quick else 4)
@@ -107,6 +155,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     tmp = Path(tempfile.mkdtemp())
+    if args.curve:
+        budget_curve(args.curve, seeds, tmp, args.json)
+        return
     presets = {"digits": digits_config, "demo": demo_config}
 
     print(f"\n### The recipe against plain fastai: {epochs} epochs, seeds 0-{seeds - 1}\n")

@@ -61,8 +61,8 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
         help="progressive resizing (default: on for budgets where it measured no loss, see the docs)",
     )
     tricks.add_argument("--initial-size", type=float, help="initial size: a fraction of --size or pixels (default 0.5)")
-    tricks.add_argument("--resize-start", type=float, help="fraction of training where growth starts (default 0.5)")
-    tricks.add_argument("--resize-finish", type=float, help="fraction where it reaches --size (default 0.75)")
+    tricks.add_argument("--resize-start", type=float, help="fraction of training where growth starts (default 0.25)")
+    tricks.add_argument("--resize-finish", type=float, help="fraction where it reaches --size (default 0.5)")
     tricks.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,
@@ -71,7 +71,9 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
     )
     tricks.add_argument("--mix", choices=MIX_CHOICES, help="mixing callback (default none)")
     tricks.add_argument("--alpha", type=float, help="alpha of the mixing callback")
-    tricks.add_argument("--label-smoothing", type=float, help="label smoothing epsilon, 0 for none (default 0.1)")
+    tricks.add_argument(
+        "--label-smoothing", type=float, help="label smoothing epsilon, e.g. 0.1 for long runs (default 0: none)"
+    )
     tricks.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation (default four-corner)")
     p.add_argument("--out", type=Path, help="output folder (default runs/<command>)")
 
@@ -98,7 +100,8 @@ def config_from_args(args: argparse.Namespace, default_out: str) -> Any:
 
 
 def _summary(results: dict[str, Any]) -> str:
-    lines = [f"accuracy: {results['accuracy']:.4f}"]
+    lines = ["tricks: " + ", ".join(f"{k} {v}" for k, v in results["tricks"].items())]
+    lines.append(f"accuracy: {results['accuracy']:.4f}")
     if results.get("accuracy_tta") is not None:
         lines.append(f"accuracy with {results['tta']} TTA: {results['accuracy_tta']:.4f}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in results["times"].items())

@@ -86,7 +86,8 @@ class RecipeConfig:
             mirrored, and plain fastai does not flip either. Pass True for your own photos.
         mix: Which mixing callback to train with.
         alpha: α of the mixing callback; None uses the callback's default.
-        label_smoothing: ε of :class:`fastai_tricks.LabelSmoothingCE`; 0 trains with plain cross-entropy.
+        label_smoothing: ε of :class:`fastai_tricks.LabelSmoothingCE`; 0 (the default) trains with plain
+            cross-entropy: at short budgets on real digits label smoothing did not pay off (docs/recipe.md).
         tta: Test-time augmentation for the final evaluation.
         fp16: Mixed precision (needs CUDA; ignored with a warning on CPU).
         channels_last: Train in the channels_last memory format.
@@ -109,12 +110,12 @@ class RecipeConfig:
     normalize: str = "dataset"
     progressive: bool | None = None
     initial_size: float = 0.5
-    resize_start: float = 0.5
-    resize_finish: float = 0.75
+    resize_start: float = 0.25
+    resize_finish: float = 0.5
     flip: bool | None = None
     mix: str = "none"
     alpha: float | None = None
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0
     tta: str = "four-corner"
     fp16: bool = False
     channels_last: bool = False
@@ -167,6 +168,26 @@ class RecipeConfig:
     def effective(self, **changes: Any) -> RecipeConfig:
         """This configuration with every automatic choice made explicit (two runs that train alike compare equal)."""
         return dataclasses.replace(self, progressive=self.uses_progressive, **changes)
+
+    def tricks(self) -> dict[str, str]:
+        """What this run turns on, and why where a default decided: for logs and ``results.json``."""
+        from .resizing import MIN_EPOCHS
+
+        if self.progressive is None:
+            rel = ">=" if self.uses_progressive else "<"
+            progressive = (
+                f"{'on' if self.uses_progressive else 'off'} (budget guard: {self.epochs} {rel} {MIN_EPOCHS} epochs)"
+            )
+        else:
+            progressive = "on" if self.progressive else "off"
+        return {
+            "normalize": self.normalize,
+            "progressive resizing": progressive,
+            "flips": "on" if self.flip else "off",
+            "mix": self.mix,
+            "label smoothing": f"{self.label_smoothing:g}",
+            "tta": self.tta,
+        }
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as JSON-ready values."""
@@ -487,6 +508,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     if cfg.tta != "none":
         results["accuracy_tta"], times["tta"] = evaluate(learn, cfg.tta)
     results.update(
+        tricks=cfg.tricks(),
         times=times,
         schedule=info["sizes"],
         data=info["path"],
@@ -587,6 +609,9 @@ def run_ablation(cfg: RecipeConfig, *, seeds: int = 1, one_at_a_time: bool = Fal
     for k in range(seeds):
         seed = cfg.seed + k
         learners: dict[str, Any] = {}
+        # Rows whose tricks resolve to the same training (e.g. the defaults row, once the budget
+        # guard has turned progressive resizing off) share one model rather than train it twice.
+        trained: list[tuple[RecipeConfig, Any, float]] = []
         for i, (name, change) in enumerate(plan):
             out = cfg.out / f"seed{seed}" / f"step{i}"
             step_cfg = dataclasses.replace(
@@ -599,8 +624,13 @@ def run_ablation(cfg: RecipeConfig, *, seeds: int = 1, one_at_a_time: bool = Fal
             elif parent is not None:
                 learn, run["train_s"] = learners[parent], 0.0
             else:
-                learn, info = train(dataclasses.replace(step_cfg, tta="none"), path)
-                run["train_s"] = info["times"]["train"]
+                key = step_cfg.effective(tta="none", out=cfg.out)
+                twin = next(((lrn, secs) for k, lrn, secs in trained if k == key), None)
+                if twin is None:
+                    learn, info = train(dataclasses.replace(step_cfg, tta="none"), path)
+                    twin = (learn, info["times"]["train"])
+                    trained.append((key, *twin))
+                learn, run["train_s"] = twin
             learners[name] = learn
             run["plain_accuracy"], run["eval_s"] = evaluate(learn, "none")
             run["tta_accuracy"], run["tta_s"] = evaluate(learn, "four-corner")

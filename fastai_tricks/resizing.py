@@ -161,8 +161,8 @@ def resize_schedule(
     final_size: SizeLike,
     *,
     initial_size: InitialSize = 0.5,
-    start: float = 0.5,
-    finish: float = 0.75,
+    start: float = 0.25,
+    finish: float = 0.5,
     increase_by: int = 4,
     schedule: Literal["batch", "epoch"] = "batch",
 ) -> list[Size]:
@@ -216,8 +216,9 @@ def _check_window(start: Any, finish: Any) -> tuple[float, float]:
 
 
 #: The shortest fit, in epochs, for which the default :class:`ProgressiveResize` resizes at all.
-#: Measured on real data (scikit-learn's digits, 3 seeds, docs/progressive_resize.md): shorter
-#: one-cycle fits lost accuracy against a fixed-size fit with every schedule tried.
+#: Measured on real data (scikit-learn's digits at 32 px, xresnet18, 3 seeds; the tables are in
+#: docs/progressive_resize.md): at 4 epochs every schedule tried lost 1.0 to 5.1 points against a
+#: fixed-size fit, at 8 epochs the default schedule gained 0.3.
 MIN_EPOCHS = 8
 
 
@@ -450,8 +451,8 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
         self,
         initial_size: InitialSize = 0.5,
         final_size: SizeLike | None = None,
-        start: float = 0.5,
-        finish: float = 0.75,
+        start: float = 0.25,
+        finish: float = 0.5,
         increase_by: int = 4,
         mode: str = "bilinear",
         schedule: Literal["batch", "epoch"] = "batch",

@@ -133,3 +133,62 @@ def test_imagenette_path_offline_gives_clear_advice_not_a_urllib_traceback(monke
 def test_imagenette_path_rejects_unknown_size():
     with pytest.raises(ValueError, match="size must be one of .* got 224"):
         imagenette_path(size=224)
+
+
+# --- real digits -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    from fastai_tricks import make_digits
+
+    return make_digits(tmp_path_factory.mktemp("digits"), size=32, valid_pct=0.25, seed=0)
+
+
+def test_digits_are_sklearns_real_scans_split_stratified_by_class(digits_folder):
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    counts = {
+        split: {c: len(list((digits_folder / split / str(c)).glob("*.png"))) for c in range(10)}
+        for split in ("train", "val")
+    }
+    for c in range(10):
+        n = int((target == c).sum())
+        assert counts["train"][c] + counts["val"][c] == n
+        assert counts["val"][c] == round(0.25 * n)
+    assert sum(counts["train"].values()) + sum(counts["val"].values()) == 1797
+
+
+def test_digit_images_are_the_scans_scaled_to_the_size_in_grayscale(digits_folder):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    path = next((digits_folder / "val" / "3").glob("*.png"))
+    img = Image.open(path)
+    assert img.mode == "L" and img.size == (32, 32)
+    scan = digits.images[int(path.stem)] * (255 / 16)
+    assert digits.target[int(path.stem)] == 3  # the file name is the scan's index in load_digits
+    small = np.asarray(img.resize((8, 8), Image.BOX), dtype=np.float32)
+    assert np.abs(small - scan).mean() < 20  # the same digit, up to the bilinear scaling
+
+
+def test_the_digit_split_depends_only_on_the_seed(tmp_path):
+    from fastai_tricks import make_digits
+
+    def val_files(root):
+        return sorted(p.relative_to(root) for p in (root / "val").rglob("*.png"))
+
+    a, b = make_digits(tmp_path / "a", size=8, seed=1), make_digits(tmp_path / "b", size=8, seed=1)
+    assert val_files(a) == val_files(b)
+    assert val_files(a) != val_files(make_digits(tmp_path / "c", size=8, seed=2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"size": 4}, "size"), ({"valid_pct": 1.0}, "valid_pct"), ({"seed": -1}, "seed")]
+)
+def test_make_digits_rejects_bad_arguments(tmp_path, kwargs, match):
+    from fastai_tricks import make_digits
+
+    with pytest.raises(ValueError, match=match):
+        make_digits(tmp_path, **kwargs)

@@ -242,9 +242,11 @@ def test_cumulative_ablation_compares_each_step_with_the_step_it_changes_over_se
     assert rows["+ mixup"]["tta_accuracy"] == pytest.approx(rows["+ mixup"]["accuracy"] + 0.02)
     assert rows["+ label smoothing"]["delta"] == pytest.approx(-0.02)
     assert rows["+ label smoothing"]["per_seed"] == pytest.approx([0.56, 0.57])
-    # Five trained recipe steps (TTA re-uses a model) plus the defaults row, for each of the two seeds.
-    assert len(fake_training) == 2 * 6 and {c.seed for c in fake_training} == {0, 1}
+    # Five trained recipe steps for each of the two seeds: TTA re-uses its model, and at this budget the
+    # defaults (normalization and progressive resizing) train exactly what "+ progressive resizing" trained.
+    assert len(fake_training) == 2 * 5 and {c.seed for c in fake_training} == {0, 1}
     assert all(c.tta == "none" for c in fake_training)
+    assert rows[RECIPE_DEFAULTS]["per_seed"] == rows["+ progressive resizing"]["per_seed"]
 
 
 def test_one_at_a_time_ablation_adds_each_trick_alone_to_the_baseline(fake_training, tmp_path):
@@ -294,3 +296,14 @@ def test_demo_and_digits_are_two_sources_not_one():
 def test_a_relative_out_is_resolved_once_against_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert RecipeConfig(out="runs/x").out == tmp_path / "runs" / "x"
+
+
+def test_train_on_real_digits_says_what_it_turned_on_and_why(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert main(["train", "--digits", "--epochs", "1", "--tta", "none", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "progressive resizing off (budget guard: 1 < 8 epochs)" in printed and "flips off" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_train"] + results["n_valid"] == 1797 and results["classes"] == [str(d) for d in range(10)]
+    assert results["schedule"] is None and results["config"]["flip"] is False
+    assert results["accuracy"] > 0.3  # chance is 0.1; one epoch on real digits
