@@ -114,9 +114,9 @@ def _train(cfg: Any, args: argparse.Namespace) -> int:
 
     results = run_recipe(cfg)
     print(_summary(results))
-    print(
-        f"final accuracy: {results['accuracy_tta'] if results['accuracy_tta'] is not None else results['accuracy']:.4f}"
-    )
+    # The model's own accuracy comes first: a TTA gain must never hide what training did.
+    tta = "" if results["accuracy_tta"] is None else f" (with {results['tta']} TTA: {results['accuracy_tta']:.4f})"
+    print(f"final accuracy: {results['accuracy']:.4f}{tta}")
     files = ["metrics.csv", "results.json", "curves.png", "schedule.png", "export.pkl"]
     print(f"files written to {cfg.out}: {', '.join(f for f in files if (cfg.out / f).exists())}")
     return 0
