@@ -9,6 +9,12 @@ then predictions on one validation set are timed for:
 * ten-crop (``flip=True``);
 * ``learn.four_corner_tta(beta=0.25)`` (5 views plus the plain view, blended like ``learn.tta``).
 
+A segmentation part does the same for a small ``unet_learner`` on generated shapes
+(``make_fake_segmentation``): plain, fastai's ``learn.tta``, five-crop, ten-crop and flip-only
+(``crop=None, full=True, flip=True``), whose dense outputs ``FourCornerTTA`` pastes back in place.
+It times seed 0 and reports foreground accuracy and Dice (``DiceMulti``) as mean ± std over
+``--seg-seeds`` trainings.
+
 Two costs are measured separately: **D**, one pass of the validation DataLoader (decode, item and
 batch transforms) with no model, and **M**, one pass of the model over cached batches. For a method
 that shows the model V views of every image, the ideal time is D + V*M. Images decoded per image
@@ -18,6 +24,7 @@ Usage::
 
     python benchmarks/bench_tta.py            # full run, a few minutes on a 2-core CPU
     python benchmarks/bench_tta.py --quick    # smaller data and training, under a minute
+    python benchmarks/bench_tta.py --task segmentation   # only the unet part
 """
 
 from __future__ import annotations
@@ -36,20 +43,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastai.vision.all import (  # noqa: E402
+    ConvLayer,
     CrossEntropyLossFlat,
+    DataBlock,
+    FileSplitter,
+    ImageBlock,
     ImageDataLoaders,
     Learner,
+    MaskBlock,
     Normalize,
     Resize,
     accuracy,
     aug_transforms,
+    get_image_files,
     imagenet_stats,
+    unet_learner,
     xresnet18,
     xresnet34,
 )
+from torch import nn  # noqa: E402
 
 import fastai_tricks.tta  # noqa: E402, F401 - patches Learner.four_corner_tta
-from fastai_tricks.data import make_fake_imagenette  # noqa: E402
+from fastai_tricks.data import make_fake_imagenette, make_fake_segmentation  # noqa: E402
 from fastai_tricks.tta import FourCornerTTA  # noqa: E402
 
 _OPENS = [0]
@@ -57,18 +72,25 @@ _real_open = PIL.Image.open
 
 
 def _counting_open(*args, **kwargs):
-    _OPENS[0] += 1
+    # Segmentation masks (CamVid's ``*_P.png``) are not images: count the images only.
+    if not str(args[0] if args else "").endswith("_P.png"):
+        _OPENS[0] += 1
     return _real_open(*args, **kwargs)
+
+
+#: The clock of the timings: wall time, or with ``--clock cpu`` this process's CPU time (for busy machines).
+_CLOCK = [time.perf_counter]
 
 
 def _timed(fn, repeats: int):
     """Run ``fn`` ``repeats`` times; return (its last result, median seconds, PIL opens per run)."""
     times, opens, res = [], [], None
+    clock = _CLOCK[0]
     for _ in range(repeats):
         _OPENS[0] = 0
-        start = time.perf_counter()
+        start = clock()
         res = fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
         opens.append(_OPENS[0])
     return res, statistics.median(times), statistics.median(opens)
 
@@ -85,13 +107,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=["classification", "segmentation", "both"], default="both")
+    parser.add_argument("--seg-seeds", type=int, default=None, help="segmentation trainings (default 3, quick 1)")
+    parser.add_argument("--seg-epochs", type=int, default=None, help="segmentation epochs (default 8, quick 2)")
+    parser.add_argument("--seg-size", type=int, default=64, help="side of the generated segmentation images")
+    parser.add_argument("--seg-n-train", type=int, default=None, help="segmentation training images (96, quick 32)")
+    parser.add_argument("--seg-n-valid", type=int, default=None, help="segmentation validation images (32, quick 16)")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="time with the wall clock or this process's CPU time"
+    )
     args = parser.parse_args(argv)
+    if args.clock == "cpu":
+        _CLOCK[0] = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.task != "segmentation":
+        _classification(args)
+    if args.task != "classification":
+        _segmentation(args)
+
+
+def _classification(args: argparse.Namespace) -> None:
     epochs = args.epochs or (2 if args.quick else 5)
     n_train = args.n_train or (20 if args.quick else 40)
     n_valid = args.n_valid or (10 if args.quick else 20)
     repeats = args.repeats or (1 if args.quick else 3)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_tta_"))
@@ -177,6 +217,143 @@ def _measure(learn: Learner, repeats: int, bs: int) -> dict:
         for name, (views, fn) in methods.items():
             res, t, opens = _timed(fn, repeats)
             rows[name] = {"views": views, "time": t, "opens": opens, "acc": acc(res)}
+    return rows
+
+
+# --- segmentation ----------------------------------------------------------------------------------
+
+
+def tiny_encoder(pretrained: bool = False) -> nn.Module:
+    """A four-stage CNN (1.3 M parameters with its unet decoder) that ``unet_learner`` cuts at its pooling layer."""
+    chans = [3, 16, 32, 64, 128]
+    convs = [ConvLayer(a, b, stride=2) for a, b in zip(chans, chans[1:], strict=False)]
+    return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+def _seg_learner(path: Path, bs: int) -> Learner:
+    codes = (path / "codes.txt").read_text().split()
+    block = DataBlock(
+        blocks=(ImageBlock, MaskBlock(codes)),
+        get_items=get_image_files,
+        get_y=lambda f: path / "labels" / f"{f.stem}_P{f.suffix}",
+        splitter=FileSplitter(path / "valid.txt"),
+        batch_tfms=[*aug_transforms(max_warp=0.0), Normalize.from_stats(*imagenet_stats)],
+    )
+    dls = block.dataloaders(path / "images", bs=bs, num_workers=0)
+    return unet_learner(dls, tiny_encoder, pretrained=False, n_out=len(codes))
+
+
+def _seg_scores(preds: torch.Tensor, targs: torch.Tensor) -> tuple[float, float]:
+    """Foreground accuracy (pixels whose target is not background) and DiceMulti over the whole set."""
+    pred = preds.argmax(1)
+    fg = targs != 0
+    fg_acc = (pred[fg] == targs[fg]).float().mean().item()
+    dices = []
+    for c in range(1, preds.shape[1]):
+        p, t = pred == c, targs == c
+        union = p.sum() + t.sum()
+        if union > 0:
+            dices.append(2 * (p & t).sum().item() / union.item())
+    return fg_acc, sum(dices) / len(dices)
+
+
+def _segmentation(args: argparse.Namespace) -> None:
+    seeds = args.seg_seeds or (1 if args.quick else 3)
+    epochs = args.seg_epochs or (2 if args.quick else 8)
+    n_train = args.seg_n_train or (32 if args.quick else 96)
+    n_valid = args.seg_n_valid or (16 if args.quick else 32)
+    repeats = args.repeats or (1 if args.quick else 3)
+    methods = {
+        "plain get_preds": (1, lambda learn, dl: learn.get_preds(dl=dl)),
+        "fastai learn.tta(n=4, beta=0.25)": (5, lambda learn, dl: learn.tta(dl=dl, n=4, beta=0.25)),
+        "FourCornerTTA, 5 views": (5, lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA())),
+        "FourCornerTTA, ten-crop": (10, lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA(flip=True))),
+        "FourCornerTTA, flip only": (
+            2,
+            lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA(crop=None, full=True, flip=True)),
+        ),
+    }
+    scores: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
+    timing: dict = {}
+    for i in range(seeds):
+        seed = args.seed + i
+        torch.manual_seed(seed)
+        path = make_fake_segmentation(
+            Path(tempfile.mkdtemp(prefix="bench_tta_seg_")),
+            n_train=n_train,
+            n_valid=n_valid,
+            size=args.seg_size,
+            seed=seed,
+        )
+        learn = _seg_learner(path, bs=16)
+        start = time.perf_counter()
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(epochs, 1e-2)
+        train_s = time.perf_counter() - start
+        dl = learn.dls.valid.new(shuffle=False, drop_last=False, bs=args.bs)
+        PIL.Image.open = _counting_open
+        try:
+            if i == 0:
+                timing = _measure_seg(learn, dl, methods, repeats)
+            with learn.no_bar():
+                for name, (_, fn) in methods.items():
+                    scores[name].append(_seg_scores(*fn(learn, dl)))
+        finally:
+            PIL.Image.open = _real_open
+
+    n_img = len(learn.dls.valid_ds)
+    d, m = timing.pop("D"), timing.pop("M")
+    print(
+        f"\nSegmentation: unet_learner(tiny_encoder) at {args.seg_size} px, {n_train} training and {n_img} validation "
+        f"images, bs {args.bs}, {torch.get_num_threads()} threads, trained {epochs} epochs ({train_s:.0f} s for the "
+        f"last seed); timed ({args.clock} clock) on seed {args.seed}, median of {repeats} run(s)\n"
+    )
+    print(f"D (decode + augment, one pass) = {d:.2f} s; M (model, one pass) = {m:.2f} s; M/D = {m / d:.1f}\n")
+    plain_t = timing["plain get_preds"]["time"]
+    print("| method | views V | time (s) | time / plain | time / (D + V·M) | decodes per image |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in timing.items():
+        ideal = d + r["views"] * m
+        print(
+            f"| {name} | {r['views']} | {r['time']:.2f} | {r['time'] / plain_t:.2f} | {r['time'] / ideal:.2f} "
+            f"| {r['opens'] / n_img:.2f} |"
+        )
+    print(f"\nForeground accuracy and Dice (DiceMulti), mean ± std over {seeds} seed(s):\n")
+    print(
+        "| method | foreground accuracy | Dice |"
+        + "".join(f" seed {args.seed + i} (fg acc / Dice) |" for i in range(seeds))
+    )
+    print("|---|---:|---:|" + "---:|" * seeds)
+    for name, rows in scores.items():
+        fg, dice = zip(*rows, strict=True)
+        per_seed = "".join(f" {a:.4f} / {b:.4f} |" for a, b in rows)
+        print(f"| {name} | {_mean_std(fg)} | {_mean_std(dice)} |{per_seed}")
+
+
+def _mean_std(values: tuple[float, ...]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _measure_seg(learn: Learner, dl, methods: dict, repeats: int) -> dict:
+    rows: dict = {}
+    batches, rows["D"], _ = _timed(lambda: [b for b in dl], repeats)
+    model = learn.model.eval()
+    with torch.no_grad(), learn.no_bar():
+        model(batches[0][0])
+        learn.get_preds(dl=dl, cbs=FourCornerTTA())
+
+    def model_pass():
+        with torch.no_grad():
+            for xb, _ in batches:
+                model(xb)
+
+    _, rows["M"], _ = _timed(model_pass, repeats)
+    with learn.no_bar():
+        for name, (views, fn) in methods.items():
+            _, t, opens = _timed(lambda fn=fn: fn(learn, dl), repeats)
+            rows[name] = {"views": views, "time": t, "opens": opens}
     return rows
 
 

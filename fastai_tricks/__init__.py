@@ -15,6 +15,7 @@ from .data import (
     imagenette_path,
     make_digits,
     make_fake_imagenette,
+    make_fake_segmentation,
 )
 from .distributed import (
     broadcast_object,
@@ -60,7 +61,18 @@ from .resizing import (
     schedule_progress,
     size_at,
 )
-from .tta import MERGE_MODES, FourCornerTTA, expand_views, four_corner_crops, merge_views, view_names
+from .tta import (
+    MERGE_MODES,
+    FourCornerTTA,
+    ViewBox,
+    expand_views,
+    four_corner_crops,
+    merge_views,
+    paste_views,
+    view_boxes,
+    view_coverage,
+    view_names,
+)
 
 __all__ = [
     "LabelSmoothingCE",
@@ -82,6 +94,10 @@ __all__ = [
     "four_corner_crops",
     "merge_views",
     "view_names",
+    "ViewBox",
+    "paste_views",
+    "view_boxes",
+    "view_coverage",
     "broadcast_object",
     "cpu_ddp",
     "cpu_ddp_enabled",
@@ -114,4 +130,5 @@ __all__ = [
     "imagenette_path",
     "make_digits",
     "make_fake_imagenette",
+    "make_fake_segmentation",
 ]

@@ -25,6 +25,8 @@ __all__ = [
     "imagenette_path",
     "make_digits",
     "make_fake_imagenette",
+    "make_fake_segmentation",
+    "SEGMENTATION_CODES",
 ]
 
 #: Imagenette's ten ImageNet wnids, in the order fastai's folder loader sorts them.
@@ -307,6 +309,107 @@ def make_digits(path: str | Path, size: int = 32, valid_pct: float = 0.25, seed:
                 img = Image.fromarray(images[i]).resize((size, size), Image.BILINEAR)
                 img.save(folder / f"{i:04d}.png")
     return root
+
+
+#: Class names of :func:`make_fake_segmentation`, in mask-value order (``codes.txt``).
+SEGMENTATION_CODES: tuple[str, ...] = ("background", "disc", "square", "triangle")
+
+# Shape painters of the segmentation data: disc, square, triangle (mask values 1, 2, 3).
+_SEG_PAINTERS: tuple[_Painter, ...] = (_paint_disc, _paint_square, _paint_triangle)
+
+
+def make_fake_segmentation(
+    path: str | Path,
+    n_train: int = 32,
+    n_valid: int = 8,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write a small, offline segmentation data set laid out like fastai's CamVid.
+
+    Every image is a noisy, dim gradient background with two to four shapes (discs, squares and
+    triangles) at random positions, sizes and rotations, possibly overlapping and cut by the image
+    border. Each shape's colour leans towards a hue of its own class, with overlapping windows, so
+    colour is a hint and shape decides. The mask marks every pixel with its class: 0 background,
+    1 disc, 2 square, 3 triangle (a later shape covers an earlier one in both). The layout is
+    CamVid's::
+
+        codes.txt            one class name per line, in mask-value order
+        valid.txt            the file names of the validation images, one per line
+        images/seg_00000.png ...
+        labels/seg_00000_P.png ...   8-bit masks, pixel value = class index
+
+    so ``SegmentationDataLoaders.from_label_func`` (with ``label_func=lambda f: path / 'labels' /
+    f'{f.stem}_P{f.suffix}'``) or a ``DataBlock`` with ``FileSplitter(path / 'valid.txt')`` loads
+    it. Images are square PNGs of ``size`` pixels; the output depends only on the arguments.
+
+    Args:
+        path: Folder to write into. It is created if needed; existing files with the same names
+            are overwritten.
+        n_train: Number of training images.
+        n_valid: Number of validation images (the last ``n_valid`` files, listed in ``valid.txt``).
+        size: Side of the square images in pixels (>= 16).
+        seed: Seed of the random generator, an int >= 0.
+
+    Returns:
+        ``Path(path)``.
+
+    Example:
+        >>> import tempfile
+        >>> root = make_fake_segmentation(tempfile.mkdtemp(), n_train=2, n_valid=1, size=32)
+        >>> (root / "codes.txt").read_text().split()
+        ['background', 'disc', 'square', 'triangle']
+        >>> sorted(p.name for p in (root / "labels").iterdir())
+        ['seg_00000_P.png', 'seg_00001_P.png', 'seg_00002_P.png']
+
+    """
+    check_positive_int("n_train", n_train)
+    check_positive_int("n_valid", n_valid)
+    check_positive_int("size", size)
+    if size < 16:
+        raise ValueError(f"size must be >= 16 pixels, got {size!r}")
+    check_non_negative_int("seed", seed)
+    root = Path(path)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    (root / "codes.txt").write_text("\n".join(SEGMENTATION_CODES) + "\n")
+    names = []
+    for i in range(n_train + n_valid):
+        # One generator per image keeps each file reproducible on its own.
+        img, mask = _draw_segmentation(np.random.default_rng([seed, i]), size)
+        name = f"seg_{i:05d}.png"
+        img.save(root / "images" / name)
+        mask.save(root / "labels" / f"seg_{i:05d}_P.png")
+        names.append(name)
+    (root / "valid.txt").write_text("\n".join(names[n_train:]) + "\n")
+    return root
+
+
+def _draw_segmentation(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image.Image]:
+    """Draw one image of random shapes and its class mask."""
+    c0, c1 = _random_colour(rng) * 0.45, _random_colour(rng) * 0.45
+    t = np.linspace(0.0, 1.0, size)[:, None]
+    grad = c0[None, :] * (1 - t) + c1[None, :] * t
+    bg = grad[None, :, :] if rng.random() < 0.5 else grad[:, None, :]
+    img = Image.fromarray(np.clip(np.broadcast_to(bg, (size, size, 3)), 0, 255).astype(np.uint8))
+    mask = Image.new("L", (size, size), 0)
+    draw, draw_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    n_classes = len(_SEG_PAINTERS)
+    for _ in range(int(rng.integers(2, 5))):
+        label = int(rng.integers(0, n_classes))
+        r = size * rng.uniform(0.12, 0.25)
+        centre = (rng.uniform(0, size), rng.uniform(0, size))
+        hue = (label / n_classes + rng.uniform(-0.2, 0.2)) % 1.0
+        colour = tuple(
+            int(v) for v in np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.7, 1.0))) * 255
+        )
+        # The same random draws shape the image and the mask: replay the generator state.
+        state = rng.bit_generator.state
+        _SEG_PAINTERS[label](draw, rng, centre, r, colour)
+        rng.bit_generator.state = state
+        _SEG_PAINTERS[label](draw_mask, rng, centre, r, label + 1)
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, rng.uniform(3.0, 10.0), size=(size, size, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), mask
 
 
 def _check_split_folder(root: Path) -> Path:
