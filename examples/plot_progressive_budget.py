@@ -25,10 +25,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-try:
-    RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-except NameError:  # run interactively from the repository root
-    RESULTS = Path("benchmarks/results")
+# The committed results, found from the repository root or any folder below it (the gallery runs in examples/).
+RESULTS = next(p / "benchmarks" / "results" for p in (Path.cwd(), *Path.cwd().parents) if (p / "benchmarks").is_dir())
 
 with open(RESULTS / "progressive_budget.csv", newline="") as f:
     runs = [r for r in csv.DictReader(f) if r["data"] == "digits"]
