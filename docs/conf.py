@@ -50,7 +50,7 @@ sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
-    "ignore_pattern": r"train_imagenette\.py",
+    "ignore_pattern": r"train_(imagenette|ddp)\.py",
     "abort_on_example_error": True,
     "download_all_examples": False,
     "remove_config_comments": True,

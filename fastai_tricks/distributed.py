@@ -13,7 +13,8 @@ assumes CUDA in two places:
 :func:`enable_cpu_ddp` replaces both with versions that keep fastai's behaviour on NCCL and CUDA
 and use CPU tensors and gloo otherwise, so the DDP path can be run with ``torchrun`` on a laptop
 or in CI. It is opt-in, idempotent and undone by :func:`disable_cpu_ddp`; :func:`cpu_ddp` is the
-context-manager form.
+context-manager form. It also leaves a gloo process group cleanly when the process exits, which
+neither fastai nor Accelerate does.
 
 The rank helpers (:func:`rank_and_world`, :func:`is_distributed`, :func:`broadcast_object`,
 :func:`gather_objects`) read the initialised ``torch.distributed`` default group and fall back to a
@@ -22,6 +23,7 @@ single process, so code that calls them runs unchanged with or without distribut
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -44,6 +46,8 @@ T = TypeVar("T")
 
 # fastai's own functions, saved by enable_cpu_ddp and put back by disable_cpu_ddp.
 _originals: dict[str, Callable[..., Any]] = {}
+# Whether enable_cpu_ddp has registered _leave_gloo_group_at_exit with atexit (once per process).
+_exit_hook_registered = False
 
 
 # --- rank helpers -------------------------------------------------------------------------------------
@@ -132,6 +136,28 @@ def _mark(fn: Callable[..., Any], original: Callable[..., Any]) -> Callable[...,
     return fn
 
 
+def _leave_gloo_group_at_exit() -> None:
+    """Destroy the default process group at interpreter exit if it is still initialised and uses gloo.
+
+    Registered with :mod:`atexit` by :func:`enable_cpu_ddp`. Neither fastai's ``distrib_ctx`` nor
+    Accelerate's ``PartialState`` ever destroys the group, so without this the group (its gloo
+    worker threads and the TCP pairs to the other ranks) is left to the interpreter's own
+    finalisation. That runs after the other ranks may already have closed their sockets, and gloo
+    can then abort a run that has finished with ``terminate called without an active exception``
+    (exit code -6). atexit runs while the interpreter is still whole, so the group is torn down in
+    order here. Destroying a gloo group is local to the process, so no other rank is waited for:
+    a rank that exits early, even on an exception, cannot hang here. An NCCL group is left to
+    whoever created it (the shim never runs on that path), and so is a group already destroyed.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    backend = str(dist.get_backend()).lower()
+    if "gloo" not in backend or _uses_nccl(backend):
+        return
+    with contextlib.suppress(Exception):  # exiting anyway: a failed teardown must not replace the exit code
+        dist.destroy_process_group()
+
+
 def cpu_ddp_enabled() -> bool:
     """Whether :func:`enable_cpu_ddp` is in effect."""
     import fastai.distributed as fd
@@ -149,6 +175,12 @@ def enable_cpu_ddp() -> None:
     ``fit``, and train with ``learn.distrib_ctx(cpu=True, sync_bn=False)``: PyTorch's
     ``SyncBatchNorm`` has no CPU kernel. Undo it with :func:`disable_cpu_ddp`.
 
+    The first call also registers an :mod:`atexit` hook that destroys the default process group
+    when the process ends, if it still exists and uses gloo. Neither fastai nor Accelerate does
+    this, and gloo's teardown during interpreter finalisation can abort a finished run. The script
+    below therefore needs no ``destroy_process_group()`` of its own, and calling it anyway does no
+    harm.
+
     Example:
         Launch with ``torchrun --nproc_per_node 2 train.py``::
 
@@ -161,6 +193,10 @@ def enable_cpu_ddp() -> None:
     """
     import fastai.distributed as fd
 
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_leave_gloo_group_at_exit)
+        _exit_hook_registered = True
     if cpu_ddp_enabled():
         return
     _originals["broadcast"] = fd.DistributedDL._broadcast

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -26,7 +28,10 @@ fd = pytest.importorskip("fastai.distributed")
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "distributed.md"
 WORLD = 2
+# How many times the documented CPU launch runs in a row; every launch must exit 0.
+LAUNCHES = int(os.environ.get("FASTAI_TRICKS_DDP_LAUNCHES", "3"))
 
 
 def _free_port() -> int:
@@ -125,7 +130,105 @@ def test_shimmed_setup_distrib_and_broadcast_work_in_a_gloo_group_without_cuda(n
     assert not dist.is_initialized()
 
 
+def test_enable_cpu_ddp_registers_the_exit_hook_once(no_shim, monkeypatch):
+    registered = []
+    monkeypatch.setattr(ftd, "_exit_hook_registered", False)
+    monkeypatch.setattr(ftd.atexit, "register", registered.append)
+    ftd.enable_cpu_ddp()
+    ftd.enable_cpu_ddp()
+    ftd.disable_cpu_ddp()
+    ftd.enable_cpu_ddp()
+    assert registered == [ftd._leave_gloo_group_at_exit]
+
+
+def test_exit_hook_destroys_a_live_gloo_group_and_is_a_no_op_without_one(monkeypatch):
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    ftd._leave_gloo_group_at_exit()  # no group: nothing to do, nothing raised
+    dist.init_process_group("gloo")
+    try:
+        assert dist.is_initialized()
+        ftd._leave_gloo_group_at_exit()
+        assert not dist.is_initialized()
+        ftd._leave_gloo_group_at_exit()  # already destroyed (by the hook or the user): still fine
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_exit_hook_leaves_an_nccl_group_to_its_owner(monkeypatch):
+    destroyed = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: destroyed.append(a))
+    for backend in ("nccl", "cuda:nccl,cpu:gloo"):
+        monkeypatch.setattr(dist, "get_backend", lambda *a, b=backend: b)
+        ftd._leave_gloo_group_at_exit()
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    ftd._leave_gloo_group_at_exit()
+    assert destroyed == [()]
+
+
 # --- two processes under torchrun ----------------------------------------------------------------------
+
+
+def _documented_cpu_launch() -> list[list[str]]:
+    """The shell lines of docs/distributed.md's CPU section, the block that runs ``torchrun``."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text[text.index("## Running it on CPU") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block and "torchrun" in block.group(1), "the CPU section no longer shows a torchrun launch"
+    return [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_the_docs_show_the_tested_script_verbatim():
+    assert "```{literalinclude} ../examples/train_ddp.py" in DOCS.read_text(encoding="utf-8")
+    assert any("train_ddp.py" in argv for argv in _documented_cpu_launch())
+
+
+@pytest.mark.distributed
+def test_the_documented_cpu_launch_exits_0_every_time(tmp_path):
+    """The docs' two commands, verbatim but for the interpreter and a free port, ``LAUNCHES`` times in a row.
+
+    The script has no clean-up line of its own: ``enable_cpu_ddp``'s exit hook must end the gloo group
+    so that no launch dies at interpreter exit after training (``terminate called ...``, exit -6).
+    """
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    launches = []
+    for argv in _documented_cpu_launch():
+        assignments = {}
+        while "=" in argv[0] and not argv[0].startswith("-"):
+            key, value = argv.pop(0).split("=", 1)
+            assignments[key] = value
+        if argv[0] == "torchrun":
+            script = [str(REPO / "examples" / a) if a == "train_ddp.py" else a for a in argv[1:]]
+            launches.append((script, {**env, **assignments}))
+        else:
+            assert argv[0] == "python", argv
+            subprocess.run([sys.executable, *argv[1:]], env={**env, **assignments}, cwd=tmp_path, check=True)
+    assert len(launches) == 1, "expected exactly one torchrun line"
+    (args, launch_env), codes = launches[0], []
+    for i in range(LAUNCHES):
+        for old in tmp_path.rglob("model.pkl"):
+            old.unlink()
+        port = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]  # a fresh one: no TIME_WAIT clash
+        argv = [sys.executable, "-m", "torch.distributed.run", *port, *args]
+        proc = subprocess.run(argv, env=launch_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        codes.append(proc.returncode)
+        if proc.returncode != 0:
+            pytest.fail(
+                f"launch {i + 1} of {LAUNCHES} exited {proc.returncode} (codes so far: {codes})\n"
+                f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+            )
+        assert "four-corner TTA accuracy:" in proc.stdout
+        assert list(tmp_path.rglob("model.pkl")), "rank 0 exported nothing"  # learn.export writes under learn.path
+        assert "terminate called" not in proc.stderr
+    assert codes == [0] * LAUNCHES
 
 
 @pytest.fixture(scope="module")

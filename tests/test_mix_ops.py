@@ -237,3 +237,38 @@ def test_math_module_has_no_fastai_import():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not any(name.startswith("fastai") for name in names)
+
+
+def test_draws_happen_on_the_asked_device_and_on_the_cpu_by_default():
+    # The meta device stands in for a GPU on a CPU-only machine: a draw that drops the device lands on the CPU.
+    lam = torch.rand(3, device="meta")
+    assert mix_ops.sample_permutation(3, device="meta").device.type == "meta"
+    assert mix_ops.fourier_noise(2, 4, 6, device="meta").device.type == "meta"
+    assert mix_ops.sample_boxes(3, 8, 8, lam).device.type == "meta"
+    assert mix_ops.fmix_masks(lam, 8, 8).device.type == "meta"
+    assert mix_ops.resizemix(torch.empty(4, 3, 8, 8, device="meta")).perm.device.type == "meta"
+    for drawn in (mix_ops.sample_lambda(3, 1.0), mix_ops.sample_permutation(3), mix_ops.fourier_noise(1, 3, 3)):
+        assert drawn.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda g: mix_ops.sample_permutation(3, device="meta", generator=g),
+        lambda g: mix_ops.fourier_noise(1, 4, 4, device="meta", generator=g),
+        lambda g: mix_ops.sample_boxes(3, 8, 8, torch.rand(3, device="meta"), generator=g),
+        lambda g: mix_ops.fmix_masks(torch.rand(3, device="meta"), 4, 4, generator=g),
+    ],
+)
+def test_every_draw_rejects_a_generator_on_another_device(draw):
+    with pytest.raises(ValueError, match="generator"):
+        draw(torch.Generator())
+
+
+def test_per_sample_draws_one_region_per_sample_and_otherwise_one_for_the_batch():
+    x = torch.rand(6, 1, 12, 12)
+    for mix in (mix_ops.cutmix, mix_ops.fmix):
+        one = mix(x, 1.0, generator=torch.Generator().manual_seed(0))
+        each = mix(x, 1.0, per_sample=True, generator=torch.Generator().manual_seed(0))
+        assert one.mask.shape == (1, 12, 12) and each.mask.shape == (6, 12, 12)
+        assert len({m.numpy().tobytes() for m in each.mask}) > 1

@@ -470,3 +470,18 @@ def test_segmentation_outputs_get_a_clear_error():
         _tensor_learner(channels=3, target_shape=(16, 16), model=nn.Conv2d(3, 3, 1)).get_preds(cbs=FourCornerTTA())
     with pytest.raises(ValueError, match=r"dense outputs \(segmentation\)"):
         learn.get_preds(cbs=FourCornerTTA())
+
+
+@given(h=st.integers(1, 40), w=st.integers(1, 40), side=st.integers(1, 40))
+def test_center_crop_offset_is_torchvision_rounding_of_half_the_margin(h, w, side):
+    # torchvision's center_crop starts at int(round((H - s) / 2)): round half to even, so a margin of 1 starts at 0.
+    side = min(side, h, w)
+    x = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)
+    top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+    assert torch.equal(four_corner_crops(x, side)[4], x[..., top : top + side, left : left + side])
+
+
+def test_integer_views_are_the_rounded_float_views():
+    x = torch.randint(0, 256, (2, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for as_int, as_float in zip(expand_views(x, 0.5), expand_views(x.float(), 0.5), strict=True):
+        assert torch.equal(as_int, as_float.round().clamp(0, 255).to(torch.uint8))
