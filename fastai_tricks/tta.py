@@ -92,7 +92,11 @@ def _check_crop(name: str, size: object) -> int | float:
         raise TypeError(f"{name} must be an int (pixels) or a float in (0, 1], got {size!r} ({type(size).__name__})")
     if isinstance(size, int):
         return check_positive_int(name, size)
-    return check_fraction(name, size, low=0.0, high=1.0, low_inclusive=False)
+    if not 0.0 < size <= 1.0:
+        raise ValueError(
+            f"{name} must be in (0, 1] as a fraction of the short side, or an int crop size in pixels, got {size!r}"
+        )
+    return float(size)
 
 
 def _check_batch(x: object) -> Tensor:

@@ -107,9 +107,9 @@ def test_schedule_handles_one_step_and_one_epoch_fits():
 
 def test_schedule_defaults_follow_the_documented_shape():
     sizes = resize_schedule(4, 25, 224)
-    assert sizes[:50] == [(112, 112)] * 50  # half size for the first half
-    assert sizes[75:] == [(224, 224)] * 25  # full size for the last quarter
-    assert len(set(sizes[50:75])) > 5  # grows in 4 px steps in between
+    assert sizes[:25] == [(112, 112)] * 25  # half size for the first quarter
+    assert sizes[50:] == [(224, 224)] * 50  # full size for the second half
+    assert len(set(sizes[25:50])) > 5  # grows in 4 px steps in between
 
 
 def test_non_square_sizes_keep_their_aspect_ratio():
