@@ -118,7 +118,8 @@ def main() -> None:
     learn = make_learner(path, size, args.bs, args.seed)
     t_fixed, acc_fixed, _ = fit(learn, epochs, args.lr, [])
     learn = make_learner(path, size, args.bs, args.seed)
-    pr = ProgressiveResize()
+    # The default schedule; min_epochs=0 so that --quick's 4 epochs are resized too (8 pass the guard anyway).
+    pr = ProgressiveResize(min_epochs=0)
     t_prog, acc_prog, _ = fit(learn, epochs, args.lr, [pr])
     ideal = sum((h * w) / size**2 for h, w in pr.sizes) / len(pr.sizes)
     print(

@@ -39,7 +39,8 @@ model = nn.Sequential(
     nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
 )
 learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
-resize = ProgressiveResize(increase_by=2)
+# min_epochs=0: resize this 4-epoch fit, which the budget guard (8 epochs) would keep at full size.
+resize = ProgressiveResize(increase_by=2, min_epochs=0)
 with learn.no_bar(), learn.no_logging():
     learn.fit_one_cycle(4, 1e-2, cbs=resize)
 resize.plot_schedule()
