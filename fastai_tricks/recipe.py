@@ -625,7 +625,7 @@ def run_ablation(cfg: RecipeConfig, *, seeds: int = 1, one_at_a_time: bool = Fal
                 learn, run["train_s"] = learners[parent], 0.0
             else:
                 key = step_cfg.effective(tta="none", out=cfg.out)
-                twin = next(((lrn, secs) for k, lrn, secs in trained if k == key), None)
+                twin = next(((lrn, secs) for seen, lrn, secs in trained if seen == key), None)
                 if twin is None:
                     learn, info = train(dataclasses.replace(step_cfg, tta="none"), path)
                     twin = (learn, info["times"]["train"])

@@ -109,7 +109,8 @@ def test_rank_helpers_without_a_process_group_act_as_one_process():
     assert ftd.gather_objects(obj) == [obj]
 
 
-def test_shimmed_setup_distrib_and_broadcast_work_in_a_gloo_group_without_cuda(no_shim, monkeypatch):
+def _single_process_env(monkeypatch):
+    """The environment torchrun gives a world of one process, on a free local port."""
     for key, value in {
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
@@ -117,6 +118,10 @@ def test_shimmed_setup_distrib_and_broadcast_work_in_a_gloo_group_without_cuda(n
         "WORLD_SIZE": "1",
     }.items():
         monkeypatch.setenv(key, value)
+
+
+def test_shimmed_setup_distrib_and_broadcast_work_in_a_gloo_group_without_cuda(no_shim, monkeypatch):
+    _single_process_env(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     try:
         with ftd.cpu_ddp():
@@ -142,13 +147,7 @@ def test_enable_cpu_ddp_registers_the_exit_hook_once(no_shim, monkeypatch):
 
 
 def test_exit_hook_destroys_a_live_gloo_group_and_is_a_no_op_without_one(monkeypatch):
-    for key, value in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-    }.items():
-        monkeypatch.setenv(key, value)
+    _single_process_env(monkeypatch)
     ftd._leave_gloo_group_at_exit()  # no group: nothing to do, nothing raised
     dist.init_process_group("gloo")
     try:
