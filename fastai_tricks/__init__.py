@@ -27,6 +27,7 @@ from .distributed import (
     is_distributed,
     rank_and_world,
 )
+from .draft import DraftDL, DraftImage, DraftImageBlock, draft_reduction
 from .losses import LabelSmoothingCE, smooth_targets
 from .mixing import (
     CutMix,
@@ -126,6 +127,10 @@ __all__ = [
     "IMAGENETTE_CLASSES",
     "IMAGENETTE_WNIDS",
     "DataUnavailableError",
+    "DraftDL",
+    "DraftImage",
+    "DraftImageBlock",
+    "draft_reduction",
     "__version__",
     "imagenette_path",
     "make_digits",

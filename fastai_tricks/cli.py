@@ -69,6 +69,11 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
         help="random horizontal flips (default: on for --imagenette and --demo, off for --data and --digits); "
         "pass --flip for photos, never for digits, text, road signs or anything whose meaning changes when mirrored",
     )
+    tricks.add_argument(
+        "--draft",
+        action=argparse.BooleanOptionalAction,
+        help="decode JPEGs at the size the pipeline needs, shrinking with progressive resizing (default on)",
+    )
     tricks.add_argument("--mix", choices=MIX_CHOICES, help="mixing callback (default none)")
     tricks.add_argument("--alpha", type=float, help="alpha of the mixing callback")
     tricks.add_argument(
@@ -81,7 +86,7 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
 # Options that map one-to-one onto RecipeConfig fields; an option left unset keeps the config's default.
 _FIELDS = (
     "data", "imagenette", "valid", "valid_pct", "workers", "arch", "size", "epochs", "bs", "lr", "seed", "fp16",
-    "channels_last", "normalize", "progressive", "flip", "initial_size", "resize_start", "resize_finish", "mix", "alpha",
+    "channels_last", "normalize", "progressive", "flip", "draft", "initial_size", "resize_start", "resize_finish", "mix", "alpha",
     "label_smoothing", "tta", "out",
 )  # fmt: skip
 

@@ -186,14 +186,29 @@ def _class_colour(rng: np.random.Generator, label: int) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255
 
 
-def _draw_image(rng: np.random.Generator, label: int, size: int) -> Image.Image:
-    """Draw one image of class ``label`` whose short side is close to ``size``."""
+def _nominal_dims(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    """Draw a (width, height) whose short side is 0.8 to 1 times ``size``, landscape or portrait."""
     short = int(round(size * rng.uniform(0.8, 1.0)))
     aspect = rng.uniform(1.0, 1.5)
     if rng.random() < 0.5:
-        w, h = int(round(short * aspect)), short
-    else:
-        w, h = short, int(round(short * aspect))
+        return int(round(short * aspect)), short
+    return short, int(round(short * aspect))
+
+
+def _full_size_dims(rng: np.random.Generator) -> tuple[int, int]:
+    """Draw a (width, height) like Imagenette's full-size images (ImageNet's originals).
+
+    Most are 500 px on the long side at 4:3 or 3:2; one in ten is larger, up to 4000 px.
+    """
+    u = rng.random()
+    long = 500 if u < 0.9 else int(rng.integers(600, 1601)) if u < 0.98 else int(rng.integers(2000, 4001))
+    short = int(round(long / (4 / 3 if rng.random() < 0.6 else 3 / 2)))
+    return (long, short) if rng.random() < 0.75 else (short, long)
+
+
+def _draw_image(rng: np.random.Generator, label: int, dims: tuple[int, int]) -> Image.Image:
+    """Draw one image of class ``label`` of size ``dims`` (width, height)."""
+    w, h = dims
     # Background: a linear gradient between two random colours plus noise.
     # A dim, greyish background keeps the coloured pattern visible.
     c0, c1 = _random_colour(rng) * 0.45, _random_colour(rng) * 0.45
@@ -219,6 +234,7 @@ def make_fake_imagenette(
     n_valid: int = 10,
     size: int = 160,
     seed: int = 0,
+    full_size: bool = False,
 ) -> Path:
     """Write a small, offline, Imagenette-shaped image data set.
 
@@ -239,6 +255,10 @@ def make_fake_imagenette(
         n_valid: Validation images per class.
         size: Nominal short side of the images in pixels (>= 16).
         seed: Seed of the random generator, an int >= 0.
+        full_size: Give the images the dimensions of Imagenette's full-size release (ImageNet's
+            originals) instead: mostly 500 px on the long side at 4:3 or 3:2, one in ten larger,
+            up to 4000 px; ``size`` is then not used. For measuring data loading offline, where
+            decoding large JPEGs is the cost.
 
     Returns:
         ``Path(path)``.
@@ -257,7 +277,8 @@ def make_fake_imagenette(
             # One generator per (split, class) keeps each folder reproducible on its own.
             rng = np.random.default_rng([seed, split_idx, label])
             for i in range(count):
-                img = _draw_image(rng, label, size)
+                dims = _full_size_dims(rng) if full_size else _nominal_dims(rng, size)
+                img = _draw_image(rng, label, dims)
                 img.save(folder / f"{wnid}_{i:05d}.JPEG", format="JPEG", quality=90)
     return root
 

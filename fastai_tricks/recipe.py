@@ -84,6 +84,9 @@ class RecipeConfig:
             Imagenette and the demo data, whose labels survive mirroring, and does not flip
             ``digits`` or a ``data`` folder: digits, text and road signs change meaning when
             mirrored, and plain fastai does not flip either. Pass True for your own photos.
+        draft: Decode JPEGs at the size the item transforms need
+            (:class:`fastai_tricks.DraftImageBlock`), which shrinks with progressive resizing.
+            False decodes every image at full size, as fastai's ``ImageBlock`` does.
         mix: Which mixing callback to train with.
         alpha: α of the mixing callback; None uses the callback's default.
         label_smoothing: ε of :class:`fastai_tricks.LabelSmoothingCE`; 0 (the default) trains with plain
@@ -113,6 +116,7 @@ class RecipeConfig:
     resize_start: float = 0.25
     resize_finish: float = 0.5
     flip: bool | None = None
+    draft: bool = True
     mix: str = "none"
     alpha: float | None = None
     label_smoothing: float = 0.0
@@ -184,6 +188,7 @@ class RecipeConfig:
             "normalize": self.normalize,
             "progressive resizing": progressive,
             "flips": "on" if self.flip else "off",
+            "draft decoding": "on" if self.draft else "off",
             "mix": self.mix,
             "label smoothing": f"{self.label_smoothing:g}",
             "tta": self.tta,
@@ -268,6 +273,7 @@ def build_dls(path: Path, cfg: RecipeConfig) -> Any:
         parent_label,
     )
 
+    from .draft import DraftImageBlock
     from .normalization import ensure_normalized
 
     valid = _valid_folder(path, cfg.valid)
@@ -275,9 +281,10 @@ def build_dls(path: Path, cfg: RecipeConfig) -> Any:
         splitter = GrandparentSplitter(train_name="train", valid_name=valid)
     else:
         splitter = RandomSplitter(cfg.valid_pct, seed=cfg.seed)
-    # Presize: decode to a little more than the final size on the CPU, then crop/warp in one batched step.
+    # Presize: decode to a little more than the final size on the CPU (JPEGs straight to the nearest DCT
+    # scale above it), then crop/warp in one batched step.
     block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock),
+        blocks=(DraftImageBlock if cfg.draft else ImageBlock, CategoryBlock),
         get_items=get_image_files,
         get_y=parent_label,
         splitter=splitter,

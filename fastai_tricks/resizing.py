@@ -425,8 +425,12 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
             (:class:`fastai_tricks.mixing.MixCallback`) on the learner from ``low`` at the initial
             size to ``high`` at the final size (progressive regularisation: Tan & Le, 2021,
             *EfficientNetV2*, arXiv:2104.00298). Set for each training batch and restored after it.
-        resize_items: With ``schedule='epoch'`` only: also shrink the item-level ``Resize`` or
-            ``RandomResizedCrop``, so that CPU decoding and augmentation work shrink too.
+        resize_items: Also shrink the item-level ``Resize`` or ``RandomResizedCrop`` (on the
+            per-fit copy), so that CPU work shrinks too: the item transform, and with
+            :class:`fastai_tricks.DraftImageBlock` the JPEG decoding itself. Items change size
+            only between epochs (loader workers hold a copy of the item pipeline during one), so
+            with ``schedule='batch'`` each epoch's items have the largest size of that epoch
+            and the batch is brought down to each iteration's size.
         reserve_memory: Run one full-size forward and backward pass on zeros before the first
             small batch, so the allocator reserves the peak memory up front (useful on GPU).
             Batch-norm statistics and gradients are left as they were.
@@ -458,7 +462,7 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
         schedule: Literal["batch", "epoch"] = "batch",
         resize_valid: bool = False,
         mix_alpha: tuple[float, float] | None = None,
-        resize_items: bool = False,
+        resize_items: bool = True,
         reserve_memory: bool = False,
         min_epochs: int = MIN_EPOCHS,
     ) -> None:
@@ -477,8 +481,6 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
                 raise ValueError(f"mix_alpha must be None or a (low, high) pair, got {mix_alpha!r}")
             mix_alpha = (check_positive("mix_alpha[0]", mix_alpha[0]), check_positive("mix_alpha[1]", mix_alpha[1]))
         self.mix_alpha = mix_alpha
-        if resize_items and schedule != "epoch":
-            raise ValueError(f"resize_items=True needs schedule='epoch', got schedule={schedule!r}")
         self.resize_items = bool(resize_items)
         self.reserve_memory = bool(reserve_memory)
         self.min_epochs = check_non_negative_int("min_epochs", min_epochs)
@@ -594,7 +596,9 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
         for t in self._batch_tfms:
             t.size = size
         if it == 0:  # items are only re-sized between epochs: workers hold a copy during one
-            scale = (size[0] / self._final[0], size[1] / self._final[1])
+            # The schedule never shrinks, so the epoch's last iteration has its largest size.
+            largest = self._target(epoch, max(0, n_iter - 1), n_iter)
+            scale = (largest[0] / self._final[0], largest[1] / self._final[1])
             for t, (h, w) in zip(self._item_tfms, self._item_base, strict=True):
                 t.size = type(t.size)((max(1, round(w * scale[1])), max(1, round(h * scale[0]))))
 

@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 import torch
+from fastai.vision.core import PILImage
 
 from fastai_tricks import (
     CutMix,
+    DraftImageBlock,
     FMix,
     FourCornerTTA,
     LabelSmoothingCE,
@@ -136,7 +138,6 @@ for kwargs, exc, name, shown in [
     ({"schedule": "step"}, ValueError, "schedule", "'step'"),
     ({"mix_alpha": (0, 1)}, ValueError, "mix_alpha[0]", "0"),
     ({"mix_alpha": 0.5}, ValueError, "mix_alpha", "0.5"),
-    ({"resize_items": True}, ValueError, "schedule", "'batch'"),
 ]:
     rid = "ProgressiveResize-" + ",".join(f"{k}={v}" for k, v in kwargs.items())
     row(rid, lambda c, kw=kwargs: ProgressiveResize(**kw), exc, name, shown)
@@ -203,6 +204,7 @@ row("four_corner_tta-beta=1.5", lambda c: c.learn.four_corner_tta(beta=1.5), Val
 row("make_fake_imagenette-n_train=0", lambda c: make_fake_imagenette(c.tmp_path, n_train=0), ValueError, "n_train", "0")  # fmt: skip
 row("make_fake_imagenette-size=8", lambda c: make_fake_imagenette(c.tmp_path, size=8), ValueError, "size", "8")
 row("make_fake_imagenette-seed", lambda c: make_fake_imagenette(c.tmp_path, seed="0"), TypeError, "seed", "'0'")
+row("DraftImageBlock-cls", lambda c: DraftImageBlock(PILImage), TypeError, "cls", "PILImage")
 row("imagenette_path-size", lambda c: imagenette_path(size=100), ValueError, "size", "100")
 for kwargs, exc, name, shown in [
     ({"size": 0}, ValueError, "size", "0"),

@@ -99,3 +99,11 @@ def test_bad_arguments_exit_with_code_2(argv):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
     assert info.value.code == 2
+
+
+def test_no_draft_turns_draft_decoding_off_and_it_is_on_by_default():
+    from fastai_tricks.cli import config_from_args
+
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["train", "--data", "d"]), "runs/train").draft is True
+    assert config_from_args(parser.parse_args(["train", "--data", "d", "--no-draft"]), "runs/train").draft is False

@@ -51,6 +51,23 @@ def test_images_have_varied_sizes_and_aspect_ratios(tmp_path):
     assert all(Image.open(f).mode == "RGB" for f in _files(root)[:5])
 
 
+def test_full_size_images_have_imagenettes_full_size_dimensions(tmp_path):
+    root = make_fake_imagenette(tmp_path, n_train=10, n_valid=2, full_size=True)
+    sizes = [Image.open(f).size for f in _files(root)]
+    assert len(sizes) == 120 and all(Image.open(f).format == "JPEG" for f in _files(root)[:5])
+    longs = [max(s) for s in sizes]
+    assert sum(side == 500 for side in longs) >= 0.75 * len(sizes)  # mostly ImageNet's 500 px long side
+    assert max(longs) > 500 and max(longs) <= 4000  # and some larger ones
+    aspects = {round(max(s) / min(s), 1) for s in sizes}
+    assert aspects <= {1.3, 1.5} and any(w < h for w, h in sizes) and any(w > h for w, h in sizes)
+
+
+def test_full_size_does_not_change_the_default_data(tmp_path):
+    a = make_fake_imagenette(tmp_path / "a", n_train=2, n_valid=1, size=32)
+    b = make_fake_imagenette(tmp_path / "b", n_train=2, n_valid=1, size=32, full_size=False)
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(_files(a), _files(b), strict=True))
+
+
 def test_classes_are_visually_distinct_on_average(tmp_path):
     # The mean image of each class differs from the others: patterns are not all the same.
     root = make_fake_imagenette(tmp_path, n_train=8, n_valid=1, size=32)

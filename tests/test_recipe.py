@@ -288,6 +288,19 @@ def test_progressive_resizing_is_off_below_the_budget_guard_and_forced_on_when_a
     assert digits_config(epochs=1).effective() == digits_config(epochs=1, progressive=False).effective()
 
 
+def test_the_recipe_decodes_jpegs_at_the_needed_size_unless_told_not_to(fake_imagenette):
+    from fastai.data.core import TfmdDL
+
+    from fastai_tricks import DraftDL
+
+    cfg = RecipeConfig(data=fake_imagenette, size=32, bs=8, workers=0, normalize="none")
+    assert type(recipe.build_dls(fake_imagenette, cfg).train) is DraftDL
+    assert cfg.tricks()["draft decoding"] == "on"
+    plain = RecipeConfig(data=fake_imagenette, size=32, bs=8, workers=0, normalize="none", draft=False)
+    assert type(recipe.build_dls(fake_imagenette, plain).train) is TfmdDL
+    assert plain.tricks()["draft decoding"] == "off"
+
+
 def test_demo_and_digits_are_two_sources_not_one():
     with pytest.raises(ValueError, match="demo=True and digits=True"):
         RecipeConfig(demo=True, digits=True)

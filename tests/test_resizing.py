@@ -151,7 +151,6 @@ def test_mix_alpha_grows_with_size_from_low_to_high(final, frac, low, high):
         (dict(mode="linear"), "mode"),
         (dict(schedule="step"), "schedule"),
         (dict(mix_alpha=(0.0, 0.4)), "mix_alpha"),
-        (dict(resize_items=True), "resize_items"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_parameter(kwargs, match):
