@@ -257,7 +257,7 @@ def large_jpegs(tmp_path_factory):
     return make_fake_imagenette(tmp_path_factory.mktemp("large"), n_train=2, n_valid=1, full_size=True, seed=0)
 
 
-def _dls(path, block, item_tfms, batch_size=None, bs=4):
+def _dls(path, block, item_tfms, batch_size=None, bs=4, workers=0):
     return DataBlock(
         blocks=(block, CategoryBlock),
         get_items=get_image_files,
@@ -265,7 +265,7 @@ def _dls(path, block, item_tfms, batch_size=None, bs=4):
         splitter=GrandparentSplitter(valid_name="val"),
         item_tfms=item_tfms,
         batch_tfms=aug_transforms(size=batch_size, min_scale=0.75) if batch_size else None,
-    ).dataloaders(path, bs=bs, num_workers=0, seed=0)
+    ).dataloaders(path, bs=bs, num_workers=workers, seed=0)
 
 
 class DecodeSpy:
@@ -306,6 +306,13 @@ def test_with_no_size_fixing_item_transform_nothing_is_drafted_and_batches_equal
     ours.valid.one_batch()
     assert spy.sizes and spy.sizes == spy.stored
     for a, b in zip(ours.valid, theirs.valid, strict=True):
+        assert torch.equal(a[0], b[0])
+
+
+def test_worker_processes_make_the_same_batches(large_jpegs):
+    one = _dls(large_jpegs, DraftImageBlock, Resize(100), batch_size=80)
+    two = _dls(large_jpegs, DraftImageBlock, Resize(100), batch_size=80, workers=2)
+    for a, b in zip(one.valid, two.valid, strict=True):
         assert torch.equal(a[0], b[0])
 
 
