@@ -86,8 +86,8 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
 # Options that map one-to-one onto RecipeConfig fields; an option left unset keeps the config's default.
 _FIELDS = (
     "data", "imagenette", "valid", "valid_pct", "workers", "arch", "size", "epochs", "bs", "lr", "seed", "fp16",
-    "channels_last", "normalize", "progressive", "flip", "draft", "initial_size", "resize_start", "resize_finish", "mix", "alpha",
-    "label_smoothing", "tta", "out",
+    "channels_last", "normalize", "progressive", "flip", "draft", "initial_size", "resize_start", "resize_finish",
+    "mix", "alpha", "label_smoothing", "tta", "out",
 )  # fmt: skip
 
 

@@ -4,7 +4,9 @@ The schedule is pure maths (:func:`resize_schedule`, :func:`size_at`, :func:`sch
 and depends only on the step counters, so it is identical on every rank. The callback
 :class:`ProgressiveResize` is thin: it asks the schedule for a size and makes the training batch
 that size, either by changing the output size of the augmentation that already fixes it (so the
-small batch is produced directly) or by interpolating the batch on its device.
+small batch is produced directly) or by interpolating the batch on its device. Between epochs it
+also shrinks the item-level ``Resize``, so the CPU's item work shrinks too, and with
+:class:`fastai_tricks.DraftImageBlock` the JPEG decoding follows it.
 
 Nothing on the learner's ``DataLoaders`` is ever changed. When a size-fixing batch transform is
 found, the callback works on a per-fit shallow copy of the training ``DataLoader`` that owns its
