@@ -9,7 +9,10 @@ Two modes, one script:
     first, stopping at the first failure. It prints the score per module as a Markdown table (the one
     in docs/guarantees.md) and the surviving mutants, and exits 1 when a module is below 90 % of its
     non-equivalent mutants killed. Equivalent mutants are listed, with the reason, in
-    tests/mutation-equivalent.md.
+    tests/mutation-equivalent.md. ``--results FILE`` saves every verdict (every 25 mutants, so a
+    stopped run keeps what it judged) and ``--report FILE`` prints the table of such a file; after
+    adding tests, ``--recheck FILE`` judges only the mutants that FILE does not record as killed,
+    a quick check before the full run whose score is published.
 
 ``python tests/mutation/run.py --sample``
     The CI check: applies ``SAMPLE``, a fixed list of hand-written mutations of the maths, one at a
@@ -321,7 +324,9 @@ def _functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
 
 def _describe(orig: str, mutated: str) -> tuple[str, str]:
     """The changed lines of a mutant, old and new, each joined into one line."""
-    a, b = orig.splitlines()[1:], mutated.splitlines()[1:]  # the def line differs by name only
+    # The def lines differ by the mangled name; with it taken out, a mutated default value shows.
+    unname = re.compile(r"__mutmut_(?:orig|\d+)\(")
+    a, b = (unname.sub("(", text, count=1).splitlines() for text in (orig, mutated))
     old, new = [], []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
         if tag != "equal":
@@ -425,6 +430,8 @@ class _MutantRunner:
         order = list(self.mutants)
         random.Random(0).shuffle(order)
         for i, mutant in enumerate(order, 1):
+            if mutant.status == "killed":  # by an earlier run (--recheck)
+                continue
             qualified = f"{PACKAGE}.{mutant.module}.{mutant.function}"
             tests = sorted((it for it in items if qualified in hits[it.nodeid]), key=lambda it: duration[it.nodeid])
             if not tests:
@@ -446,13 +453,28 @@ class _MutantRunner:
         return True
 
 
-def full_run(modules: list[str], workdir: Path | None, results_path: Path | None) -> int:
+def _take_kills(mutants: list[Mutant], earlier: Path) -> None:
+    """Mark as killed every mutant that an earlier ``--results`` file records as killed (same change)."""
+    killed = {}
+    for d in json.loads(earlier.read_text()):
+        if d["status"] == "killed":
+            m = Mutant(**d)
+            killed[m.key] = m.killed_by
+    for m in mutants:
+        if m.key in killed:
+            m.status, m.killed_by = "killed", f"{killed[m.key]} (earlier run)"
+    print(f"{sum(m.status == 'killed' for m in mutants)} mutants killed in {earlier}; judging the others", flush=True)
+
+
+def full_run(modules: list[str], workdir: Path | None, results_path: Path | None, recheck: Path | None = None) -> int:
     owned = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="fastai_tricks_mutation_")) if owned else workdir
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
         mutants = _generate(workdir, modules)
+        if recheck is not None:
+            _take_kills(mutants, recheck)
         _register_mutation_profile()
         sys.path.insert(0, str(workdir / "mutants"))
         os.chdir(workdir)
@@ -584,6 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the mutated copy here instead of a temporary folder")
     parser.add_argument("--results", type=Path, help="write every mutant's verdict to this JSON file")
     parser.add_argument("--report", type=Path, help="only print the table of an earlier --results file")
+    parser.add_argument(
+        "--recheck",
+        type=Path,
+        metavar="FILE",
+        help="judge only the mutants not killed in this earlier --results file (after adding tests); "
+        "a full run without it gives the score to publish",
+    )
     args = parser.parse_args(argv)
     if args.report:
         return report_only(args.report)
@@ -593,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown modules {sorted(unknown)}; choose among {list(SCOPE)}")
     if args.sample:
         return sample_run()
-    return full_run(args.modules or list(SCOPE), args.workdir, args.results)
+    return full_run(args.modules or list(SCOPE), args.workdir, args.results, args.recheck)
 
 
 if __name__ == "__main__":
