@@ -39,6 +39,13 @@ def test_smoothed_rows_sum_to_one_for_hard_and_soft_targets(seed, n, k, eps):
     torch.testing.assert_close(smooth_targets(soft, k, eps).sum(1), torch.ones(n, dtype=torch.float64))
 
 
+def test_smooth_targets_are_made_on_the_labels_device():
+    # The meta device stands in for a GPU: a target built on the default device would come back on the CPU.
+    y = torch.zeros(3, dtype=torch.long, device="meta")
+    t = smooth_targets(y, 4, 0.1)
+    assert t.device.type == "meta" and t.shape == (3, 4)
+
+
 def test_eps_zero_gives_one_hot_and_extra_axes_keep_the_class_axis_at_1():
     y = torch.tensor([[0, 1], [2, 0]])  # (N=2, d=2), e.g. per-pixel labels
     t = smooth_targets(y, 3, 0.0)
@@ -49,10 +56,10 @@ def test_eps_zero_gives_one_hot_and_extra_axes_keep_the_class_axis_at_1():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"eps": 1.0}, ValueError, "eps must be in"),
-        ({"eps": -0.1}, ValueError, "eps must be in"),
-        ({"eps": float("nan")}, ValueError, "eps must be finite"),
-        ({"n_classes": 0}, ValueError, "n_classes"),
+        ({"eps": 1.0}, ValueError, r"^eps must be in \[0, 1\), got 1.0"),
+        ({"eps": -0.1}, ValueError, r"^eps must be in"),
+        ({"eps": float("nan")}, ValueError, r"^eps must be finite"),
+        ({"n_classes": 0}, ValueError, r"^n_classes must be >= 1, got 0"),
         ({"y": torch.rand(4, 3)}, ValueError, "soft targets y must have shape"),
         ({"y": torch.tensor([True, False])}, ValueError, "dtype torch.bool"),
         ({"y": [0, 1]}, TypeError, "y must be a torch.Tensor"),
@@ -115,6 +122,22 @@ def test_loss_of_mixed_targets_is_the_mix_of_losses(seed, k, eps, lam):
     torch.testing.assert_close(loss(out, mixed), lam * loss(out, y) + (1 - lam) * loss(out, y2))
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 4, 3, 5)])
+def test_dense_logits_get_the_loss_of_each_position_over_the_class_axis(shape):
+    # Per-pixel (N, K, L) or (N, K, H, W) logits: the softmax runs over axis 1 at every position, the axis a
+    # 3-D tensor's implicit softmax dimension (0) would miss.
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    loss = LabelSmoothingCE(0.2, "none")
+    per_pos = loss(out, y)
+    flat_out = out.movedim(1, -1).reshape(-1, shape[1])
+    torch.testing.assert_close(per_pos.flatten(), loss(flat_out, y.flatten()))
+    probs = loss.activation(out)
+    torch.testing.assert_close(probs, F.softmax(out, 1))
+    torch.testing.assert_close(probs.sum(1), torch.ones(shape[0], *shape[2:], dtype=torch.float64))
+
+
 def test_eps_zero_is_plain_cross_entropy():
     out, y = logits_and_labels(0, 7, 4)
     torch.testing.assert_close(LabelSmoothingCE(0.0)(out, y), F.cross_entropy(out, y))
@@ -143,7 +166,9 @@ def test_bad_target_shapes_raise(target, match):
         LabelSmoothingCE()(torch.randn(4, 3), target)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"eps": 1.0}, "eps"), ({"reduction": "avg"}, "reduction")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"eps": 1.0}, r"^eps must be in \[0, 1\), got 1.0"), ({"reduction": "avg"}, "^reduction")]
+)
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LabelSmoothingCE(**kwargs)
