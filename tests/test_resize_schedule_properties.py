@@ -155,3 +155,71 @@ def test_mix_alpha_is_linear_in_the_side_that_grows_most(final, frac, low, high)
         size = tuple(round(i + (f - i) * t) for i, f in zip(initial, final, strict=True))
         expected = high if spans[d] <= 0 else low + (high - low) * (size[d] - initial[d]) / spans[d]
         assert mix_alpha_at(size, initial, final, low, high) == pytest.approx(expected)
+
+
+def test_size_at_is_exactly_final_at_finish_even_when_final_is_not_a_multiple():
+    # At progress == finish the linear growth would give floor(45 / 8) * 8 = 40; the final size is exact.
+    args = ((16, 24), (30, 45), 0.2, 0.6, 8)
+    assert size_at(0.6, *args) == (30, 45)
+    assert size_at(0.5999, *args) == (24, 40)
+    # A window of zero width jumps straight from initial to final at its one point.
+    assert size_at(0.4, (16, 24), (30, 45), 0.4, 0.4, 8) == (30, 45)
+    assert size_at(0.3999, (16, 24), (30, 45), 0.4, 0.4, 8) == (16, 24)
+
+
+def test_initial_pixels_default_granularity_is_the_callbacks():
+    from fastai_tricks import ProgressiveResize
+
+    # 31 px: the nearest multiple of 4 is 32 (of 5 it would be 30).
+    assert initial_pixels(0.31, 100) == initial_pixels(0.31, 100, ProgressiveResize().increase_by) == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("size", "initial", "final", "expected"),
+    [
+        # The height grows most (by 90 px) so it measures, though the width is further along: 5 of 90 px done.
+        ((15, 30), (10, 20), (100, 30), 0.1 + 0.9 * 5 / 90),
+        ((31, 31), (31, 31), (32, 32), 0.1),  # a side that grows by one pixel is measured too: none of it done
+        ((32, 32), (31, 31), (32, 32), 1.0),
+        ((80, 80), (32, 32), (64, 64), 1.0),  # past the final size: clamped at high
+        ((5, 5), (32, 32), (64, 64), 0.1),  # below the initial size: clamped at low
+        ((40, 40), (64, 64), (64, 64), 1.0),  # nothing to grow: high
+    ],
+)
+def test_mix_alpha_by_hand(size, initial, final, expected):
+    assert mix_alpha_at(size, initial, final, 0.1, 1.0) == pytest.approx(expected)
+
+
+def test_sizes_of_different_lengths_are_refused_not_truncated():
+    with pytest.raises(ValueError, match="zip"):
+        size_at(0.5, (16, 16, 3), (32, 32), 0.0, 1.0, 4)
+    with pytest.raises(ValueError, match="zip"):
+        mix_alpha_at((20, 20), (16, 16, 3), (32, 32), 0.1, 1.0)
+
+
+@pytest.mark.parametrize("final", [(32, 32, 3), (32.0, 32), (32, True), "32", 32.0, True, (0, 5)])
+def test_a_size_is_an_int_or_a_pair_of_positive_ints(final):
+    with pytest.raises((TypeError, ValueError), match=r"^final_size must be"):
+        initial_pixels(0.5, final, 4)
+
+
+_DEFAULTS = dict(initial_size=0.5, start=0.25, finish=0.5, increase_by=4, schedule="batch")
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: initial_pixels(0.0, 32, 4), r"^initial_size must be in \(0, 1\], got 0.0"),
+        (lambda: initial_pixels((0, 5), 32, 4), r"^initial_size must be > 0 in both dimensions"),
+        (lambda: initial_pixels(0.5, 0, 4), r"^final_size must be >= 1, got 0"),
+        (lambda: initial_pixels(0.5, 32, 0), r"^increase_by must be >= 1, got 0"),
+        (lambda: resize_schedule(0, 1, 32, **_DEFAULTS), r"^n_epoch must be >= 1, got 0"),
+        (lambda: resize_schedule(1, 0, 32, **_DEFAULTS), r"^n_iter must be >= 1, got 0"),
+        (lambda: resize_schedule(1, 1, 0, **_DEFAULTS), r"^final_size must be >= 1, got 0"),
+        (lambda: resize_schedule(1, 1, 32, **{**_DEFAULTS, "start": 1.5}), r"^start must be in \[0, 1\], got 1.5"),
+        (lambda: resize_schedule(1, 1, 32, **{**_DEFAULTS, "finish": -0.5}), r"^finish must be in \[0, 1\], got -0.5"),
+    ],
+)
+def test_errors_start_with_the_name_of_the_bad_parameter(call, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        call()
