@@ -106,10 +106,10 @@ def batch_moments(x: Tensor) -> Moments:
     if x.ndim < 2:
         raise ValueError(f"x must be a batch of shape (N, C, ...), got a tensor of shape {tuple(x.shape)}")
     n, n_channels = x.shape[:2]
+    per_image = math.prod(x.shape[2:])  # explicit: a reshape to -1 is ambiguous for an empty batch
     # A plain tensor skips fastai's __torch_function__ type dispatch, which costs more than the maths here.
     work = x.detach().as_subclass(Tensor)
-    work = work.to(torch.float64 if work.dtype == torch.float64 else torch.float32).reshape(n, n_channels, -1)
-    per_image = work.shape[2]
+    work = work.to(torch.float64 if work.dtype == torch.float64 else torch.float32).reshape(n, n_channels, per_image)
     if n == 0 or n_channels == 0 or per_image == 0:
         zeros = torch.zeros(n_channels, dtype=torch.float64, device=x.device)
         return Moments(0, zeros, zeros.clone())
