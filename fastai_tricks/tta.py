@@ -311,8 +311,8 @@ def expand_views(
 
     """
     x = _check_batch(x)
-    boxes = view_boxes(x.shape[-2], x.shape[-1], crop, center=center, flip=flip, full=full, resize=resize)
-    crops = [b for b in boxes if not b.flipped and b.name != "full"]
+    boxes = view_boxes(x.shape[-2], x.shape[-1], crop, center=center, full=full, resize=resize)
+    crops = [b for b in boxes if b.name != "full"]
     views: list[Tensor] = []
     if crops:
         stacked = torch.stack([x[..., b.top : b.top + b.height, b.left : b.left + b.width] for b in crops])
@@ -335,7 +335,12 @@ def _resize(x: Tensor, side: int) -> Tensor:
     y = x if x.is_floating_point() else x.float()
     y = F.interpolate(y, size=(side, side), mode="bilinear", align_corners=False)
     if not x.is_floating_point():
-        y = y.round().clamp(torch.iinfo(x.dtype).min, torch.iinfo(x.dtype).max).to(x.dtype)
+        info = torch.iinfo(x.dtype)
+        # float32 rounds the maxima of int32 and int64 up to a power of two, which would wrap around: stay below.
+        high = torch.tensor(info.max, dtype=torch.float32)
+        if high.item() > info.max:
+            high = torch.nextafter(high, torch.zeros(()))
+        y = y.round().clamp(info.min, high.item()).to(x.dtype)
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
@@ -380,12 +385,10 @@ def merge_views(preds: Tensor, mode: str = "mean", activation: str | None = "sof
             or ``preds`` with fewer than 2 dimensions.
 
     """
-    check_choice("mode", mode, MERGE_MODES)
-    check_choice("activation", activation, _ACTIVATIONS)
+    _check_merge(mode, activation)
     if not isinstance(preds, Tensor) or preds.ndim < 2:
         shape = tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__
         raise ValueError(f"preds must have shape (V, B, ...) with the views first, got {shape}")
-    _check_merge(mode, activation)
     # Low-precision outputs would lose the small differences between views; merge in float32.
     z = preds.float()
     n_views = z.shape[0]

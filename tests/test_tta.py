@@ -20,6 +20,7 @@ from torch import nn
 from fastai_tricks.tta import (
     FourCornerTTA,
     _activation_kind,
+    _chunk,
     expand_views,
     four_corner_crops,
     merge_views,
@@ -63,7 +64,7 @@ def test_crop_bigger_than_image_raises_naming_both_sizes():
     ("size", "error"), [(0, ValueError), (-2, ValueError), (0.0, ValueError), (1.5, ValueError), (True, TypeError)]
 )
 def test_bad_crop_size_raises(size, error):
-    with pytest.raises(error, match="size"):
+    with pytest.raises(error, match=r"^size must be"):
         four_corner_crops(torch.rand(1, 3, 8, 8), size)
 
 
@@ -120,6 +121,45 @@ def test_views_keep_dtype_and_channels_last(dtype):
     for v in expand_views(x, 0.5, flip=True):
         assert v.dtype == dtype and v.shape == (2, 3, 8, 8)
         assert v.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_default_views_are_the_five_crops_in_view_names_order():
+    names = ["top_left", "top_right", "bottom_left", "bottom_right", "center"]
+    assert view_names() == names
+    assert view_names(center=False) == names[:4]
+    assert view_names(crop=False, full=True) == ["full"]
+    assert view_names(center=False, flip=True) == [*names[:4], *(f"{n}_flipped" for n in names[:4])]
+    x = torch.arange(64.0).view(1, 1, 8, 8)
+    assert len(expand_views(x)) == 5
+    corners = expand_views(x, 4, center=False, resize=False)
+    assert len(corners) == 4
+    assert all(torch.equal(v, c) for v, c in zip(corners, four_corner_crops(x, 4)[:4], strict=True))
+
+
+def test_default_crop_is_seven_eighths_of_the_short_side_resized_bilinearly_back():
+    x = torch.rand(2, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    views = expand_views(x)
+    # round(0.875 * 16) = 14 px crops, resized to 16 x 16 with half-pixel centres (align_corners=False).
+    for v, crop in zip(views, four_corner_crops(x, 14), strict=True):
+        expected = F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False)
+        assert torch.equal(v, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_views_of_a_contiguous_batch_stay_contiguous(dtype):
+    x = (torch.rand(2, 3, 8, 8) * 200).to(dtype)
+    for v in expand_views(x, 0.5, flip=True):
+        assert v.is_contiguous() and not v.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_integer_views_keep_the_extremes_of_their_type_without_wrapping(dtype):
+    info = torch.iinfo(dtype)
+    for value in (info.min, info.max):
+        view = expand_views(torch.full((1, 1, 6, 6), value, dtype=dtype), 3)[0]
+        assert view.dtype == dtype
+        # Resizing goes through float32: exact below 2**24, within float32's rounding of the value above it.
+        assert ((view.double() - value).abs() <= abs(value) * 2**-23).all(), (value, view.unique().tolist())
 
 
 def test_no_views_left_raises():
@@ -203,6 +243,26 @@ def test_merge_rejects_bad_arguments(kwargs, match):
 def test_merge_needs_views_first():
     with pytest.raises(ValueError, match=r"\(V, B, \.\.\.\)"):
         merge_views(torch.zeros(3), "logits")
+    with pytest.raises(ValueError, match=r"\(V, B, \.\.\.\) with the views first, got list"):
+        merge_views([[0.0, 1.0]], "logits")
+
+
+def test_one_output_per_sample_merges_over_the_views():
+    # Regression, or one binary logit per sample: preds of shape (V, B).
+    z = torch.tensor([[0.0, 1.0], [math.log(3.0), 3.0]])
+    assert torch.allclose(merge_views(z, "logits", None), torch.tensor([math.log(3.0) / 2, 2.0]))
+    assert torch.allclose(merge_views(z, "mean", "sigmoid").sigmoid(), z.sigmoid().mean(0))
+
+
+@pytest.mark.parametrize("mode", ["mean", "gmean", "max"])
+def test_dense_outputs_are_merged_over_the_classes_on_the_last_axis(mode):
+    # (V, B, S, K): S positions (pixels, tokens), each with K classes; every position merges on its own.
+    z = torch.randn(3, 2, 4, 5, generator=torch.Generator().manual_seed(0)) * 3
+    merged = merge_views(z, mode)
+    assert merged.shape == (2, 4, 5)
+    torch.testing.assert_close(merged.exp().sum(-1), torch.ones(2, 4))
+    for s in range(4):
+        torch.testing.assert_close(merged[:, s], merge_views(z[:, :, s], mode))
 
 
 @pytest.mark.parametrize(
@@ -485,3 +545,11 @@ def test_integer_views_are_the_rounded_float_views():
     x = torch.randint(0, 256, (2, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for as_int, as_float in zip(expand_views(x, 0.5), expand_views(x.float(), 0.5), strict=True):
         assert torch.equal(as_int, as_float.round().clamp(0, 255).to(torch.uint8))
+
+
+def test_chunks_join_equal_views_and_pass_a_lone_view_through_uncopied():
+    a, b, c = torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, 4)
+    chunks = _chunk([a, b, c], None)
+    assert [t.shape for t in chunks] == [(4, 3), (2, 4)]
+    assert torch.equal(chunks[0], torch.cat([a, b])) and chunks[1] is c
+    assert [t.shape[0] for t in _chunk([a, b, a], 2)] == [4, 2]
