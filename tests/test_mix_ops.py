@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -164,6 +165,12 @@ def test_mixes_keep_channels_last_memory_format():
         assert res.x.is_contiguous(memory_format=torch.channels_last), name
 
 
+@pytest.mark.parametrize(("x", "shown"), [(torch.zeros(4, 3), "(4, 3)"), ([[0.0]], "list")])
+def test_box_and_mask_mixes_need_a_spatial_batch_and_name_what_they_got(x, shown):
+    with pytest.raises(ValueError, match=rf"^x must be a batch of images .* got shape {re.escape(shown)}$"):
+        mix_ops.check_spatial_batch(x)
+
+
 def test_generator_on_another_device_type_is_rejected():
     with pytest.raises(ValueError, match="generator"):
         mix_ops.sample_lambda(3, 1.0, device="meta", generator=torch.Generator())
@@ -171,7 +178,7 @@ def test_generator_on_another_device_type_is_rejected():
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
 def test_sample_lambda_rejects_bad_alpha(bad):
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match="^alpha must be"):
         mix_ops.sample_lambda(2, bad)
 
 
@@ -179,6 +186,125 @@ def test_sample_lambda_rejects_bad_alpha(bad):
 def test_resizemix_geometry_rejects_scale_outside_zero_one(scale):
     with pytest.raises(ValueError, match="scale"):
         mix_ops.resizemix_geometry(8, 8, scale)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: mix_ops.resizemix_geometry(8, 8, (0.0, 0.5)), r"^scale\[0\] must be in \(0, 1\], got 0.0"),
+        (lambda: mix_ops.resizemix_geometry(8, 8, (0.5, 0.0)), r"^scale\[1\] must be in \(0, 1\], got 0.0"),
+        (lambda: mix_ops.resizemix_geometry(8, 8, (0.2, 1.5)), r"^scale\[1\] must be in \(0, 1\], got 1.5"),
+        (lambda: mix_ops.resizemix_geometry(8, 8, alpha=0.0), r"^alpha must be > 0, got 0.0"),
+        (lambda: mix_ops.fourier_noise(1, 4, 4, decay_power=-1.0), r"^decay_power must be > 0, got -1.0"),
+    ],
+)
+def test_errors_start_with_the_name_of_the_bad_parameter(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_lambda_is_float32_whatever_the_default_dtype():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert mix_ops.sample_lambda(4, 0.5).dtype == torch.float32
+        assert mix_ops.mixup(torch.rand(4, 3), 0.5).lam.dtype == torch.float32
+        assert mix_ops.resizemix(torch.rand(4, 3, 8, 8)).lam.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_mixes_of_a_contiguous_batch_stay_contiguous():
+    x = torch.rand(4, 3, 9, 7)
+    for name, res in _all_mixes(x, 1.0, 0).items():
+        assert res.x.is_contiguous() and not res.x.is_contiguous(memory_format=torch.channels_last), name
+    # A strided view (here transposed) is not turned into channels-last either.
+    xt = torch.rand(4, 3, 7, 7).transpose(2, 3)
+    for name, res in _all_mixes(xt, 1.0, 0).items():
+        assert not res.x.is_contiguous(memory_format=torch.channels_last), name
+
+
+def test_paste_takes_maps_and_refuses_masks_of_another_shape():
+    y = torch.arange(2 * 3 * 4).view(2, 3, 4)  # (B, H, W) label maps
+    mask = torch.zeros(1, 3, 4, dtype=torch.bool)
+    mask[0, 1:, 2:] = True
+    out = mix_ops.paste(y, torch.tensor([1, 0]), mask)
+    assert torch.equal(out[0, 1:, 2:], y[1, 1:, 2:]) and torch.equal(out[0, :1], y[0, :1])
+    for bad in (torch.zeros(1, 4, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"^mask must have shape \(n, H, W\) matching x"):
+            mix_ops.paste(y, torch.tensor([1, 0]), bad)
+
+
+def test_spatial_size_of_maps_and_images_is_the_last_two_axes():
+    assert mix_ops.check_spatial_batch(torch.zeros(2, 5, 7)) == (5, 7)
+    assert mix_ops.check_spatial_batch(torch.zeros(2, 3, 5, 7)) == (5, 7)
+
+
+def test_default_decay_power_is_three_and_default_resizemix_alpha_is_one():
+    # Harris et al.'s decay power 3; Qin et al.'s uniform side ratio, Beta(1, 1).
+    lam, x = torch.full((2,), 0.5), torch.rand(4, 1, 12, 12)
+    g = torch.Generator
+    assert torch.equal(
+        mix_ops.fourier_noise(2, 8, 8, generator=g().manual_seed(0)),
+        mix_ops.fourier_noise(2, 8, 8, 3.0, generator=g().manual_seed(0)),
+    )
+    assert torch.equal(
+        mix_ops.fmix_masks(lam, 12, 12, generator=g().manual_seed(0)),
+        mix_ops.fmix_masks(lam, 12, 12, 3.0, generator=g().manual_seed(0)),
+    )
+    assert torch.equal(
+        mix_ops.fmix(x, 1.0, generator=g().manual_seed(0)).mask,
+        mix_ops.fmix(x, 1.0, 3.0, generator=g().manual_seed(0)).mask,
+    )
+    for seed in range(5):
+        assert mix_ops.resizemix_geometry(64, 64, (0.1, 0.8), rng=random.Random(seed)) == mix_ops.resizemix_geometry(
+            64, 64, (0.1, 0.8), 1.0, rng=random.Random(seed)
+        )
+        assert torch.equal(
+            mix_ops.resizemix(x, (0.1, 0.8), rng=random.Random(seed)).mask,
+            mix_ops.resizemix(x, (0.1, 0.8), 1.0, rng=random.Random(seed)).mask,
+        )
+
+
+@pytest.mark.parametrize(
+    ("draw", "same_draws"),
+    [
+        # Two normal numbers (real and imaginary part) per frequency.
+        (
+            lambda g: mix_ops.fourier_noise(3, 8, 10, generator=g),
+            lambda g: torch.randn(2, 3, 8, 10 // 2 + 1, generator=g),
+        ),
+        # Two uniform numbers (the centre) per box.
+        (lambda g: mix_ops.sample_boxes(3, 8, 10, torch.rand(3), generator=g), lambda g: torch.rand(3, 2, generator=g)),
+    ],
+)
+def test_draws_take_only_the_random_numbers_they_use(draw, same_draws):
+    # A generator shared with later draws is left where it should be.
+    g, ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    draw(g)
+    same_draws(ref)
+    assert torch.equal(torch.rand(5, generator=g), torch.rand(5, generator=ref))
+
+
+def test_one_hot_has_n_classes_columns_even_when_the_labels_do_not_reach_them():
+    assert mix_ops.one_hot(torch.tensor([0, 1]), 4).tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+
+
+def test_mix_losses_weights_every_element_of_a_sample_by_its_lambda_and_keeps_their_dtype():
+    # Per-pixel (or per-token) losses, B * k of them, in float64: sample i's k losses all get lam[i].
+    own = torch.arange(6, dtype=torch.float64)
+    partner = torch.full((6,), 10.0, dtype=torch.float64)
+    lam = torch.tensor([0.25, 1.0])
+    mixed = mix_ops.mix_losses(own, partner, lam, "none")
+    expected = torch.tensor([7.5, 7.75, 8.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    assert mixed.dtype == torch.float64 and torch.equal(mixed, expected)
+    assert mix_ops.mix_losses(own, partner, lam, "mean") == expected.mean()
+
+
+@pytest.mark.parametrize(("loss", "b"), [(torch.rand(5), 2), (torch.tensor(0.5), 1), (torch.tensor(0.5), 3)])
+def test_mix_losses_refuses_losses_that_do_not_split_into_the_batch(loss, b):
+    with pytest.raises(ValueError, match=f"cannot be split into {b} samples"):
+        mix_ops.mix_losses(loss, loss.clone(), torch.rand(b))
 
 
 # --- the callbacks' per-batch logic on a stand-in learner, over the same shapes -----------------------
@@ -246,7 +372,9 @@ def test_draws_happen_on_the_asked_device_and_on_the_cpu_by_default():
     assert mix_ops.fourier_noise(2, 4, 6, device="meta").device.type == "meta"
     assert mix_ops.sample_boxes(3, 8, 8, lam).device.type == "meta"
     assert mix_ops.fmix_masks(lam, 8, 8).device.type == "meta"
-    assert mix_ops.resizemix(torch.empty(4, 3, 8, 8, device="meta")).perm.device.type == "meta"
+    res = mix_ops.resizemix(torch.empty(4, 3, 8, 8, device="meta"))
+    assert {t.device.type for t in (res.x, res.perm, res.lam, res.mask)} == {"meta"}
+    assert mix_ops.box_masks(torch.tensor([[1, 3, 2, 5]], device="meta"), 8, 8).device.type == "meta"
     for drawn in (mix_ops.sample_lambda(3, 1.0), mix_ops.sample_permutation(3), mix_ops.fourier_noise(1, 3, 3)):
         assert drawn.device.type == "cpu"
 

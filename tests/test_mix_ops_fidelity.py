@@ -108,7 +108,7 @@ def test_mixup_blends_lambda_of_own_sample_with_one_minus_lambda_of_partner(b, s
     x = torch.rand(b, 3, 4, 5, generator=_gen(seed), dtype=torch.float64)
     res = mix_ops.mixup(x, 1.0, generator=_gen(seed + 1))
     lam = res.lam.double().view(b, 1, 1, 1)
-    assert torch.allclose(res.x, lam * x + (1 - lam) * x[res.perm], atol=1e-12)
+    assert torch.allclose(res.x, lam * x + (1 - lam) * x[res.perm], rtol=0, atol=1e-12)
 
 
 # --- CutMix ----------------------------------------------------------------------------------------
@@ -213,6 +213,28 @@ def test_fourier_noise_power_falls_as_frequency_to_minus_twice_decay_power(decay
     assert abs(_power_slope(noise) + 2 * decay) < 0.3
 
 
+@pytest.mark.parametrize("decay", [1.0, 3.0])
+def test_fourier_noise_lowest_frequencies_keep_the_power_law_and_only_dc_is_floored(decay):
+    # Along the first row of the spectrum the frequencies are 0, 1/W, 2/W, ...: the power at 1/W is 2^(2 decay)
+    # times that at 2/W, and the DC term is floored to the power at 1/W (the floor is 1 / max(H, W)).
+    noise = mix_ops.fourier_noise(512, 16, 16, decay, generator=_gen(0))
+    power = torch.fft.rfft2(noise.double()).abs().square().mean(0)[0]
+    ratio = float(power[1] / power[2])
+    assert 2 ** (2 * decay) / 1.5 < ratio < 2 ** (2 * decay) * 1.5
+    # The DC bin holds one real draw (its imaginary part is dropped), so its mean power is half as large.
+    assert 0.5 / 1.5 < float(power[0] / power[1]) < 0.5 * 1.5
+
+
+@few_seeds
+@given(seed=seeds)
+def test_fourier_noise_has_uniformly_random_phases(seed):
+    # Complex Gaussian coefficients: the phase of every frequency is uniform, independent of its amplitude.
+    noise = mix_ops.fourier_noise(4000, 8, 8, 3.0, generator=_gen(seed))
+    spectrum = torch.fft.rfft2(noise.double())[:, 1, 2]  # a bin that is not its own mirror image
+    phase = (spectrum.angle().numpy() + math.pi) / (2 * math.pi)
+    assert stats.kstest(phase, "uniform").pvalue > P_FLOOR
+
+
 def _lag1_autocorrelation(masks: torch.Tensor) -> float:
     """Mean correlation of each pixel with its right and lower neighbours, per mask."""
     m = masks.double()
@@ -265,6 +287,12 @@ def test_resizemix_patch_side_is_round_tau_times_image_side(h, w, lo, span, alph
     assert 0 <= top <= h - ph and 0 <= left <= w - pw
 
 
+def test_resizemix_patch_side_is_at_least_one_pixel():
+    # round(0.1 * 3) = 0: the side is lifted to one pixel, not more.
+    assert mix_ops.resizemix_geometry(20, 3, (0.1, 0.1), rng=random.Random(0))[2:] == (2, 1)
+    assert mix_ops.resizemix_geometry(3, 20, (0.1, 0.1), rng=random.Random(0))[2:] == (1, 2)
+
+
 @given(alpha=st.floats(0.1, 5.0), seed=seeds)
 def test_resizemix_draws_its_patch_with_its_own_alpha(alpha, seed):
     x = torch.zeros(2, 1, 64, 64)
@@ -304,11 +332,23 @@ def test_resizemix_patch_is_the_whole_partner_resized(b, h, w, seed):
     top, left, ph, pw = geometry = mix_ops.resizemix_geometry(h, w, (0.2, 0.9), rng=random.Random(seed))
     patch = mix_ops.resize_paste(x, perm, geometry)[..., top : top + ph, left : left + pw]
     expected = F.interpolate(x[perm], size=(ph, pw), mode="bilinear", align_corners=False, antialias=True)
-    assert torch.allclose(patch, expected, atol=1e-12)
+    assert torch.allclose(patch, expected, rtol=0, atol=1e-12)  # float64 throughout, not via float32
     # Labels by nearest neighbour over the whole partner: pixel i of the patch comes from floor(i * h / ph).
     label_patch = mix_ops.resize_paste(y, perm, geometry)[..., top : top + ph, left : left + pw]
     expected_labels = F.interpolate(y[perm][:, None].double(), size=(ph, pw), mode="nearest")[:, 0].long()
     assert torch.equal(label_patch, expected_labels)
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((2, 3, 12, 10), torch.uint8), ((2, 12, 10), torch.float32)])
+def test_resizemix_patch_of_integer_images_and_float_maps_is_the_nearest_partner_pixel(shape, dtype):
+    # Only floating image batches (B, C, H, W) are blended bilinearly: integer images keep exact source
+    # pixel values, and (B, H, W) float maps take the nearest pixel like label maps do.
+    x = torch.randint(0, 256, shape, generator=_gen(0)).to(dtype)
+    perm = torch.tensor([1, 0])
+    top, left, ph, pw = geometry = (2, 3, 5, 4)
+    patch = mix_ops.resize_paste(x, perm, geometry)[..., top : top + ph, left : left + pw]
+    rows, cols = (torch.arange(ph) * shape[-2]) // ph, (torch.arange(pw) * shape[-1]) // pw
+    assert torch.equal(patch, x[perm][..., rows[:, None], cols[None, :]])
 
 
 def test_resizemix_patch_of_a_ramp_spans_the_whole_ramp():
