@@ -343,12 +343,12 @@ def _in_scope(module: str, plain: str) -> bool:
 
 def _generate(workdir: Path, modules: list[str]) -> list[Mutant]:
     """Copy the project into ``workdir`` and write mutmut's mutants of ``modules`` to ``workdir/mutants``."""
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.source", "*.mutated")
     for name in (PACKAGE, "tests"):
-        # The tests are always fresh; mutants already in a kept --workdir are reused if the source is unchanged.
+        # Every file is copied fresh, so the modules not mutated in this run are the current ones; only the
+        # mutated code of an unchanged module is reused from a kept --workdir (it takes seconds to make).
         shutil.copytree(ROOT / name, workdir / name, ignore=skip, dirs_exist_ok=True)
-        if name == "tests" or not (workdir / "mutants" / name).exists():
-            shutil.copytree(ROOT / name, workdir / "mutants" / name, ignore=skip, dirs_exist_ok=True)
+        shutil.copytree(ROOT / name, workdir / "mutants" / name, ignore=skip, dirs_exist_ok=True)
     shutil.copy(ROOT / "pyproject.toml", workdir / "pyproject.toml")
     shutil.copy(ROOT / "pyproject.toml", workdir / "mutants" / "pyproject.toml")
     os.chdir(workdir)
@@ -359,13 +359,14 @@ def _generate(workdir: Path, modules: list[str]) -> list[Mutant]:
         path = f"{PACKAGE}/{module}.py"
         source = (workdir / path).read_text()
         t0 = time.perf_counter()
-        stamp = workdir / "mutants" / f"{path}.source"
-        if stamp.exists() and stamp.read_text() == source:
-            code = (workdir / "mutants" / path).read_text()
+        stamp, cache = (workdir / "mutants" / f"{path}.{ext}" for ext in ("source", "mutated"))
+        if stamp.exists() and cache.exists() and stamp.read_text() == source:
+            code = cache.read_text()
         else:
             code = mutate_file_contents(path, source).code
-            (workdir / "mutants" / path).write_text(code)
+            cache.write_text(code)
             stamp.write_text(source)
+        (workdir / "mutants" / path).write_text(code)
         funcs = _functions(ast.parse(code))
         lines = code.splitlines()
 
