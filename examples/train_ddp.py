@@ -38,6 +38,8 @@ dls = ImageDataLoaders.from_folder(
     path,
     valid="val",
     bs=args.bs,
+    # On CPU the ranks are the parallelism; a loader worker forked beside gloo's threads can deadlock.
+    num_workers=0 if args.cpu else None,
     seed=0,
     item_tfms=RandomResizedCrop(int(args.size * 1.25), min_scale=0.35),
     batch_tfms=aug_transforms(size=args.size),
