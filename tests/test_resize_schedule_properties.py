@@ -216,6 +216,7 @@ _DEFAULTS = dict(initial_size=0.5, start=0.25, finish=0.5, increase_by=4, schedu
         (lambda: resize_schedule(0, 1, 32, **_DEFAULTS), r"^n_epoch must be >= 1, got 0"),
         (lambda: resize_schedule(1, 0, 32, **_DEFAULTS), r"^n_iter must be >= 1, got 0"),
         (lambda: resize_schedule(1, 1, 0, **_DEFAULTS), r"^final_size must be >= 1, got 0"),
+        (lambda: resize_schedule(1, 1, 32, **{**_DEFAULTS, "schedule": "daily"}), r"^schedule must be one of"),
         (lambda: resize_schedule(1, 1, 32, **{**_DEFAULTS, "start": 1.5}), r"^start must be in \[0, 1\], got 1.5"),
         (lambda: resize_schedule(1, 1, 32, **{**_DEFAULTS, "finish": -0.5}), r"^finish must be in \[0, 1\], got -0.5"),
     ],
