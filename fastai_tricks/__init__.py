@@ -28,7 +28,7 @@ from .distributed import (
     rank_and_world,
 )
 from .draft import DraftDL, DraftImage, DraftImageBlock, draft_reduction
-from .losses import LabelSmoothingCE, smooth_targets
+from .losses import LabelSmoothingCE, LabelSmoothingCEFlat, smooth_targets
 from .mixing import (
     CutMix,
     FMix,
@@ -77,6 +77,7 @@ from .tta import (
 
 __all__ = [
     "LabelSmoothingCE",
+    "LabelSmoothingCEFlat",
     "smooth_targets",
     "Moments",
     "NormalizationCheck",
