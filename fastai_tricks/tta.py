@@ -3,23 +3,25 @@
 The fastbook chapter on training a state-of-the-art model ends with a research
 exercise: crop an image to a square in each of its four corners, average the
 predictions on those crops and on a center crop, and compare with fastai's own
-``learn.tta``. This module is that tool, built so that it costs as little as
-possible:
+``learn.tta``. This is that tool, built so that it costs as little as possible,
+in three modules:
 
-* :func:`four_corner_crops` and :func:`expand_views` are pure tensor functions
-  that turn a batch into its views;
-* :func:`merge_views` is the pure function that turns per-view outputs back into
-  one prediction per image;
-* :func:`paste_views` does the same for dense (segmentation) outputs: it undoes each
-  view's flip and resize, pastes it at its crop's place and merges every pixel over
-  the views that contain it; :func:`view_boxes` is the one geometry that
-  :func:`expand_views` cuts with and :func:`paste_views` pastes with, and
-  :func:`view_coverage` counts the views per pixel;
-* :class:`FourCornerTTA` is a thin fastai callback that expands a validation
-  batch in ``before_batch`` and merges in ``after_pred``, so the DataLoader
-  decodes and augments every image once, whatever the number of views, and the
-  loss and metrics see the merged prediction;
-* ``Learner.four_corner_tta`` is the ``learn.tta``-style convenience method.
+* :mod:`fastai_tricks.tta_views`, the view geometry: :func:`~fastai_tricks.four_corner_crops`
+  and :func:`~fastai_tricks.expand_views` turn a batch into its views, and
+  :func:`~fastai_tricks.view_boxes` is the one geometry that the views are cut with and
+  pasted back with (:func:`~fastai_tricks.view_coverage` counts the views per pixel);
+* :mod:`fastai_tricks.tta_merge`, the merging: :func:`~fastai_tricks.merge_views` turns
+  per-view outputs back into one prediction per image, and :func:`~fastai_tricks.paste_views`
+  does the same for dense (segmentation) outputs: it undoes each view's flip and resize, pastes
+  it at its crop's place and merges every pixel over the views that contain it;
+* this module, the fastai side: :class:`~fastai_tricks.FourCornerTTA` is a thin callback that
+  expands a validation batch in ``before_batch`` and merges in ``after_pred``, so the DataLoader
+  decodes and augments every image once, whatever the number of views, and the loss and
+  metrics see the merged prediction; ``Learner.four_corner_tta`` is the drop-in for
+  ``learn.tta``: the same arguments where they mean something here, and the same return.
+
+Every public name of the two pure modules is importable from here too
+(``from fastai_tricks.tta import merge_views``), and from ``fastai_tricks``.
 
 Multi-crop evaluation goes back to Krizhevsky et al., "ImageNet Classification
 with Deep Convolutional Neural Networks" (NeurIPS 2012, ten-crop) and Simonyan &
@@ -30,10 +32,7 @@ Coders with fastai and PyTorch", chapter 7 (fastai: arXiv:2002.04688).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from numbers import Real
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +45,18 @@ from fastcore.basics import getcallable, patch
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_fraction, check_positive_int
+from .tta_merge import MERGE_MODES, merge_views, paste_views
+from .tta_views import (
+    ViewBox,
+    _check_batch,
+    _check_crop,
+    _chunk,
+    expand_views,
+    four_corner_crops,
+    view_boxes,
+    view_coverage,
+    view_names,
+)
 
 __all__ = [
     "MERGE_MODES",
@@ -60,502 +71,8 @@ __all__ = [
     "view_names",
 ]
 
-#: The ways :func:`merge_views` can combine the outputs of the views of one image.
-MERGE_MODES: tuple[str, ...] = ("mean", "logits", "gmean", "max")
 
-_ACTIVATIONS = ("softmax", "sigmoid", None)
-_CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
-
-
-# --- pure functions --------------------------------------------------------------------------------
-
-
-def _crop_side(size: int | float, height: int, width: int) -> int:
-    """Side in pixels of the square crop ``size`` (int pixels or float fraction) on a ``height`` x ``width`` image."""
-    short = min(height, width)
-    if isinstance(size, int):
-        side = size
-    else:
-        # A fraction of the short side; at least one pixel so tiny images still give a crop.
-        side = max(1, int(round(size * short)))
-    if side > short:
-        raise ValueError(
-            f"crop size {size!r} gives a {side}x{side} crop, bigger than the {height}x{width} image "
-            f"(the crop side must be at most the short side, {short} px)"
-        )
-    return side
-
-
-def _check_crop(name: str, size: object) -> int | float:
-    """Validate a crop size: an int >= 1 (pixels) or a float in (0, 1] (fraction of the short side)."""
-    if isinstance(size, bool) or not isinstance(size, Real):
-        raise TypeError(f"{name} must be an int (pixels) or a float in (0, 1], got {size!r} ({type(size).__name__})")
-    if isinstance(size, int):
-        return check_positive_int(name, size)
-    if not 0.0 < size <= 1.0:
-        raise ValueError(
-            f"{name} must be in (0, 1] as a fraction of the short side, or an int crop size in pixels, got {size!r}"
-        )
-    return float(size)
-
-
-def _check_batch(x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a tensor of shape (B, C, H, W), got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"x must be a batch of images of shape (B, C, H, W), got shape {tuple(x.shape)}")
-    return x
-
-
-def four_corner_crops(x: Tensor, size: int | float) -> Tensor:
-    """Crop every image of a batch to a square in each of its four corners and in its center.
-
-    Args:
-        x: A batch of images, shape :math:`(B, C, H, W)`; any dtype, device and memory format.
-        size: Side of the square crops: an ``int`` number of pixels, or a ``float`` in (0, 1]
-            giving the side as a fraction of ``min(H, W)`` (rounded, at least one pixel).
-
-    Returns:
-        A tensor of shape :math:`(5, B, C, s, s)` holding, in torchvision's ``five_crop`` order,
-        the top-left, top-right, bottom-left, bottom-right and center crops. The center crop's
-        offset is rounded like torchvision's ``center_crop``.
-
-    Raises:
-        ValueError: ``x`` is not 4-D, ``size`` is out of range, or the crop is bigger than the image
-            (the message names both sizes).
-
-    Example:
-        >>> x = torch.arange(25.0).view(1, 1, 5, 5)
-        >>> four_corner_crops(x, 1).flatten().tolist()
-        [0.0, 4.0, 20.0, 24.0, 12.0]
-
-    """
-    x = _check_batch(x)
-    height, width = x.shape[-2], x.shape[-1]
-    side = _crop_side(_check_crop("size", size), height, width)
-    return torch.stack([x[..., t : t + side, left : left + side] for t, left in _crop_origins(height, width, side)])
-
-
-def _crop_origins(height: int, width: int, side: int) -> list[tuple[int, int]]:
-    """``(top, left)`` of the top-left, top-right, bottom-left, bottom-right and center crops.
-
-    The center offset is rounded like torchvision's ``center_crop`` (Python's ``round``).
-    """
-    bottom, right = height - side, width - side
-    return [(0, 0), (0, right), (bottom, 0), (bottom, right), (int(round(bottom / 2)), int(round(right / 2)))]
-
-
-def view_names(*, crop: bool = True, center: bool = True, flip: bool = False, full: bool = False) -> list[str]:
-    """Names of the views :func:`expand_views` returns, in the same order.
-
-    Args:
-        crop: Whether the crop views (four corners, and center if ``center``) are present.
-        center: Whether the center crop is present.
-        flip: Whether every view is followed, after all the unflipped views, by its mirror image.
-        full: Whether the whole image is a view.
-
-    Returns:
-        For example ``['top_left', 'top_right', 'bottom_left', 'bottom_right', 'center']``.
-
-    """
-    names = [*_CORNERS, *(["center"] if center else [])] if crop else []
-    names += ["full"] if full else []
-    return names + [f"{n}_flipped" for n in names] if flip else names
-
-
-class ViewBox(NamedTuple):
-    """Where one view of :func:`expand_views` comes from, and the size at which the model sees it.
-
-    The view is the window ``[top : top + height, left : left + width]`` of the image, mirrored
-    left-right if ``flipped``, then resized to ``view_height x view_width``.
-    """
-
-    name: str
-    top: int
-    left: int
-    height: int
-    width: int
-    flipped: bool
-    view_height: int
-    view_width: int
-
-
-def view_boxes(
-    height: int,
-    width: int,
-    crop: int | float | None = 0.875,
-    *,
-    center: bool = True,
-    flip: bool = False,
-    full: bool = False,
-    resize: bool = True,
-) -> list[ViewBox]:
-    """The geometry of the views :func:`expand_views` cuts from a ``height`` x ``width`` image.
-
-    This is the one place where crop windows are computed: :func:`expand_views` cuts the views
-    with it and :func:`paste_views` puts their outputs back with it.
-
-    Args:
-        height: Image height in pixels.
-        width: Image width in pixels.
-        crop: Crop side as in :func:`expand_views` (int pixels, float fraction of the short side,
-            or None for no crops).
-        center: Include the center crop.
-        flip: Follow the unflipped views with the mirror image of each.
-        full: Include the whole image.
-        resize: Crops are resized to ``min(height, width)`` square.
-
-    Returns:
-        One :class:`ViewBox` per view, in the order of :func:`view_names`.
-
-    Raises:
-        ValueError: no view is left, a size is not positive, or the crop is bigger than the image.
-
-    Example:
-        >>> [tuple(b[1:5]) for b in view_boxes(4, 6, 3)]
-        [(0, 0, 3, 3), (0, 3, 3, 3), (1, 0, 3, 3), (1, 3, 3, 3), (0, 2, 3, 3)]
-
-    """
-    check_positive_int("height", height)
-    check_positive_int("width", width)
-    if crop is None and not full:
-        raise ValueError("no views left: crop is None (no corner or center crops) and full is False")
-    boxes: list[ViewBox] = []
-    if crop is not None:
-        side = _crop_side(_check_crop("crop", crop), height, width)
-        out = min(height, width) if resize else side
-        origins = _crop_origins(height, width, side)[: 5 if center else 4]
-        names = [*_CORNERS, "center"]
-        boxes += [
-            ViewBox(n, t, left, side, side, False, out, out) for n, (t, left) in zip(names, origins, strict=False)
-        ]
-    if full:
-        boxes.append(ViewBox("full", 0, 0, height, width, False, height, width))
-    if flip:
-        boxes += [b._replace(name=f"{b.name}_flipped", flipped=True) for b in boxes]
-    return boxes
-
-
-def view_coverage(
-    height: int,
-    width: int,
-    crop: int | float | None = 0.875,
-    *,
-    center: bool = True,
-    flip: bool = False,
-    full: bool = False,
-) -> Tensor:
-    """How many views contain each pixel of a ``height`` x ``width`` image.
-
-    This is the weight each pixel gets in :func:`paste_views`. Flipped views cover the same
-    pixels as their unflipped twins, so ``flip=True`` doubles every count.
-
-    Args:
-        height: Image height in pixels.
-        width: Image width in pixels.
-        crop: Crop side as in :func:`expand_views`.
-        center: Include the center crop.
-        flip: Include the mirror image of every view.
-        full: Include the whole image.
-
-    Returns:
-        An int64 tensor of shape :math:`(H, W)`.
-
-    Example:
-        >>> view_coverage(4, 4, 2, center=False).tolist()
-        [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
-        >>> view_coverage(5, 5, 3)[2].tolist()  # the middle row
-        [2, 3, 5, 3, 2]
-
-    """
-    boxes = view_boxes(height, width, crop, center=center, flip=flip, full=full, resize=False)
-    return _coverage(boxes, height, width)
-
-
-def _coverage(boxes: Sequence[ViewBox], height: int, width: int) -> Tensor:
-    count = torch.zeros(height, width, dtype=torch.int64)
-    for b in boxes:
-        count[b.top : b.top + b.height, b.left : b.left + b.width] += 1
-    return count
-
-
-def expand_views(
-    x: Tensor,
-    crop: int | float | None = 0.875,
-    *,
-    center: bool = True,
-    flip: bool = False,
-    full: bool = False,
-    resize: bool = True,
-) -> list[Tensor]:
-    """Expand a batch of images into its test-time views.
-
-    Args:
-        x: A batch of images, shape :math:`(B, C, H, W)`.
-        crop: Side of the square corner and center crops (see :func:`four_corner_crops`), or None
-            for no crops.
-        center: Include the center crop.
-        flip: Follow the unflipped views with the horizontal mirror of each (ten-crop with ``center``).
-        full: Include the whole image, unchanged.
-        resize: Resize each crop to :math:`(m, m)` with ``m = min(H, W)`` (bilinear), so the model
-            sees objects at the scale of the crop but images at its input resolution. For a
-            square input this is the input size.
-
-    Returns:
-        One tensor per view, each :math:`(B, C, h, w)`, in the order of :func:`view_names`. The crops
-        share one shape; the full view keeps :math:`(H, W)`, so on non-square inputs (or with
-        ``resize=False``) it has a shape of its own.
-
-    Raises:
-        ValueError: no view is left, ``x`` is not 4-D, or the crop is bigger than the image.
-
-    """
-    x = _check_batch(x)
-    boxes = view_boxes(x.shape[-2], x.shape[-1], crop, center=center, full=full, resize=resize)
-    crops = [b for b in boxes if b.name != "full"]
-    views: list[Tensor] = []
-    if crops:
-        stacked = torch.stack([x[..., b.top : b.top + b.height, b.left : b.left + b.width] for b in crops])
-        n, bs, c, s, _ = stacked.shape
-        out = crops[0].view_height
-        if out != s:
-            stacked = _resize(stacked.reshape(n * bs, c, s, s), out).reshape(n, bs, c, out, out)
-        views += list(stacked.unbind(0))
-    if full:
-        views.append(x)
-    if flip:
-        views += [v.flip(-1) for v in views]
-    return views
-
-
-def _resize(x: Tensor, side: int) -> Tensor:
-    """Bilinear resize of a batch to ``side`` x ``side``, keeping dtype and memory format."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    # interpolate has no bilinear kernel for integer images; go through float and come back.
-    y = x if x.is_floating_point() else x.float()
-    y = F.interpolate(y, size=(side, side), mode="bilinear", align_corners=False)
-    if not x.is_floating_point():
-        info = torch.iinfo(x.dtype)
-        # float32 rounds the maxima of int32 and int64 up to a power of two, which would wrap around: stay below.
-        high = torch.tensor(info.max, dtype=torch.float32)
-        if high.item() > info.max:
-            high = torch.nextafter(high, torch.zeros(()))
-        y = y.round().clamp(info.min, high.item()).to(x.dtype)
-    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
-
-
-def _check_merge(mode: str, activation: str | None) -> None:
-    """Validate a merge mode and activation pair (shared by :func:`merge_views` and :func:`paste_views`)."""
-    check_choice("mode", mode, MERGE_MODES)
-    check_choice("activation", activation, _ACTIVATIONS)
-    if activation is None and mode != "logits":
-        raise ValueError(
-            f"mode={mode!r} merges probabilities, which needs activation='softmax' or 'sigmoid'; "
-            "raw outputs (regression) can only be merged with mode='logits'"
-        )
-
-
-def merge_views(preds: Tensor, mode: str = "mean", activation: str | None = "softmax") -> Tensor:
-    """Merge the outputs of the views of each image into one prediction per image.
-
-    Every mode returns raw scores (logits) on the scale the loss function expects, so a
-    cross-entropy or BCE-with-logits loss and fastai's ``get_preds`` activation work unchanged:
-
-    * ``'mean'``: mean of the probabilities. Softmax: ``log(mean_v softmax(z_v))`` (log-probabilities,
-      which ``log_softmax`` leaves unchanged); sigmoid: ``logit(mean_v sigmoid(z_v))``.
-    * ``'logits'``: mean of the raw outputs, ``mean_v z_v``. The only mode without an activation
-      (regression).
-    * ``'gmean'``: geometric mean of the probabilities, renormalised: ``log_softmax(mean_v log_softmax(z_v))``,
-      which is the same distribution as ``'logits'`` gives after the softmax; for a sigmoid the
-      renormalised geometric mean of ``p`` and ``1 - p`` is again ``mean_v z_v``.
-    * ``'max'``: per class, the largest probability over the views, renormalised (softmax) or
-      ``max_v z_v`` (sigmoid, which is monotonic).
-
-    Args:
-        preds: Outputs of shape :math:`(V, B, ...)`, view first; classes on the last dimension.
-        mode: One of :data:`MERGE_MODES`.
-        activation: The activation that turns outputs into probabilities: ``'softmax'``
-            (single-label), ``'sigmoid'`` (multi-label) or None (raw outputs: only ``'logits'``).
-
-    Returns:
-        A float32 tensor of shape :math:`(B, ...)`.
-
-    Raises:
-        ValueError: unknown ``mode`` or ``activation``, a probability mode without an activation,
-            or ``preds`` with fewer than 2 dimensions.
-
-    """
-    _check_merge(mode, activation)
-    if not isinstance(preds, Tensor) or preds.ndim < 2:
-        shape = tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__
-        raise ValueError(f"preds must have shape (V, B, ...) with the views first, got {shape}")
-    # Low-precision outputs would lose the small differences between views; merge in float32.
-    z = preds.float()
-    n_views = z.shape[0]
-    if mode == "logits" or (mode == "gmean" and activation == "sigmoid"):
-        return z.mean(0)
-    if activation == "softmax":
-        logp = z.log_softmax(-1)
-        if mode == "mean":
-            return logp.logsumexp(0) - math.log(n_views)
-        if mode == "gmean":
-            return logp.mean(0).log_softmax(-1)
-        return logp.max(0).values.log_softmax(-1)
-    # Sigmoid: logit(mean p) = log(mean p) - log(mean (1 - p)), each a stable logsumexp of logsigmoids.
-    if mode == "mean":
-        return F.logsigmoid(z).logsumexp(0) - F.logsigmoid(-z).logsumexp(0)
-    return z.max(0).values
-
-
-def paste_views(
-    outputs: Tensor | Sequence[Tensor],
-    image_size: tuple[int, int],
-    crop: int | float | None = 0.875,
-    *,
-    center: bool = True,
-    flip: bool = False,
-    full: bool = False,
-    resize: bool = True,
-    mode: str = "mean",
-    activation: str | None = "softmax",
-) -> Tensor:
-    """Put dense per-view outputs back in place and merge them per pixel: segmentation TTA.
-
-    ``outputs`` are a model's outputs on the views that :func:`expand_views` cut with the same
-    settings from images of size ``image_size``. Each view's output is mirrored back if its view
-    was flipped, resized (bilinear, on the raw scores) to its crop's size in the image when it is
-    not that size already (``resize=True``, or a model whose output is smaller than its input),
-    and pasted at its crop's place. Every pixel is then merged over the views that contain it,
-    with the merge of :func:`merge_views`, on the class axis 1 instead of the last axis:
-
-    * ``'mean'``: ``log(mean_v softmax(z_v))`` (softmax over the classes) or
-      ``logit(mean_v sigmoid(z_v))``;
-    * ``'logits'``: ``mean_v z_v``;
-    * ``'gmean'``: ``log_softmax(mean_v log_softmax(z_v))``, or ``mean_v z_v`` for a sigmoid;
-    * ``'max'``: ``log_softmax(max_v log_softmax(z_v))``, or ``max_v z_v`` for a sigmoid.
-
-    Each pixel's mean is over its own number of views, :func:`view_coverage`. For a model that
-    commutes with the views (one that works pixel by pixel, such as a 1x1 convolution) and
-    ``resize=False``, the result is the model's output on the whole image, in the merge's scale.
-
-    Args:
-        outputs: One tensor :math:`(B, K, h_v, w_v)` per view in the order of :func:`view_names`,
-            or one tensor :math:`(V, B, K, h, w)` when all views have the same shape.
-        image_size: ``(H, W)`` of the images the views were cut from.
-        crop: Crop side, as given to :func:`expand_views`.
-        center: As given to :func:`expand_views`.
-        flip: As given to :func:`expand_views`.
-        full: As given to :func:`expand_views`.
-        resize: As given to :func:`expand_views`.
-        mode: One of :data:`MERGE_MODES`.
-        activation: ``'softmax'`` (over axis 1), ``'sigmoid'`` (per channel) or None
-            (only with ``mode='logits'``).
-
-    Returns:
-        A float32 tensor of shape :math:`(B, K, H, W)`, channels-last when the outputs are.
-
-    Raises:
-        ValueError: the number or shapes of the outputs do not match the views, a mode or an
-            activation is unknown, or some pixel is in no view (corner crops smaller than half
-            the image without ``full=True``; the message gives the settings and the count).
-
-    Example:
-        >>> x = torch.rand(2, 3, 8, 8)
-        >>> views = expand_views(x, 6, flip=True, resize=False)
-        >>> same = paste_views(views, (8, 8), 6, flip=True, resize=False, mode="logits", activation=None)
-        >>> torch.allclose(same, x)
-        True
-
-    """
-    _check_merge(mode, activation)
-    if not (
-        isinstance(image_size, Sequence)
-        and len(image_size) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)
-    ):
-        raise TypeError(f"image_size must be a pair of ints (H, W), got {image_size!r}")
-    height, width = image_size
-    boxes = view_boxes(height, width, crop, center=center, flip=flip, full=full, resize=resize)
-    outs = list(outputs.unbind(0)) if isinstance(outputs, Tensor) else list(outputs)
-    if len(outs) != len(boxes):
-        raise ValueError(
-            f"outputs has {len(outs)} views, but the view settings give {len(boxes)}: {[b.name for b in boxes]}"
-        )
-    first = outs[0]
-    for out, box in zip(outs, boxes, strict=True):
-        if not isinstance(out, Tensor) or out.ndim != 4 or out.shape[:2] != first.shape[:2]:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"each view's output must have shape (B, K, h, w) with the B and K of the first view, "
-                f"{tuple(first.shape[:2])}; view {box.name!r} has {shape}"
-            )
-    count = _coverage(boxes, height, width)
-    uncovered = int((count == 0).sum())
-    if uncovered:
-        raise ValueError(
-            f"crop={crop!r}, center={center}, full={full} leaves {uncovered} of the {height}x{width} pixels in no "
-            "view, so they get no prediction; use full=True, a larger crop (corner crops of at least half the "
-            "long side cover the image), or center=True with crops of at least a third of it"
-        )
-    merger = _PixelMerge(mode, activation, (first.shape[0], first.shape[1], height, width), first.device)
-    for out, box in zip(outs, boxes, strict=True):
-        z = out.float()
-        if box.flipped:
-            z = z.flip(-1)
-        if z.shape[-2:] != (box.height, box.width):
-            z = F.interpolate(z, size=(box.height, box.width), mode="bilinear", align_corners=False)
-        merger.add(
-            z, (slice(None), slice(None), slice(box.top, box.top + box.height), slice(box.left, box.left + box.width))
-        )
-    merged = merger.result(count.to(first.device))
-    channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
-    return merged.contiguous(memory_format=torch.channels_last) if channels_last else merged
-
-
-class _PixelMerge:
-    """Running per-pixel merge of :func:`paste_views`: the modes of :func:`merge_views`, class axis 1.
-
-    Sums, running ``logaddexp`` and running maxima keep the memory at one or two ``(B, K, H, W)``
-    accumulators, whatever the number of views.
-    """
-
-    def __init__(self, mode: str, activation: str | None, shape: tuple[int, ...], device: torch.device):
-        self.mode, self.act = mode, activation
-        # Sums: raw outputs ('logits', sigmoid 'gmean') or log-probabilities (softmax 'gmean').
-        self.linear = mode in ("logits", "gmean")
-        fill = 0.0 if self.linear else -math.inf
-        self.acc = torch.full(shape, fill, device=device)
-        # The sigmoid mean needs log(mean p) and log(mean (1 - p)).
-        self.acc_neg = (
-            torch.full(shape, -math.inf, device=device) if (mode, activation) == ("mean", "sigmoid") else None
-        )
-
-    def add(self, z: Tensor, region: tuple[slice, ...]) -> None:
-        acc = self.acc[region]
-        if self.mode == "logits" or (self.act == "sigmoid" and self.mode in ("gmean", "max")):
-            t = z
-        elif self.act == "softmax":
-            t = z.log_softmax(1)
-        else:  # sigmoid mean
-            t = F.logsigmoid(z)
-            neg = self.acc_neg[region]
-            neg.copy_(torch.logaddexp(neg, F.logsigmoid(-z)))
-        if self.linear:
-            acc.add_(t)
-        elif self.mode == "max":
-            acc.copy_(torch.maximum(acc, t))
-        else:
-            acc.copy_(torch.logaddexp(acc, t))
-
-    def result(self, count: Tensor) -> Tensor:
-        if self.acc_neg is not None:
-            return self.acc - self.acc_neg
-        if self.linear:
-            mean = self.acc / count
-            return mean.log_softmax(1) if (self.mode, self.act) == ("gmean", "softmax") else mean
-        if self.mode == "max":
-            return self.acc.log_softmax(1) if self.act == "softmax" else self.acc
-        return self.acc - count.log()  # softmax mean: logsumexp over the views minus log V
+# --- the loss's activation -------------------------------------------------------------------------
 
 
 def _activation_kind(loss_func: object) -> str | None:
@@ -676,7 +193,7 @@ class FourCornerTTA(Callback):
         if max_views_per_batch is not None:
             check_positive_int("max_views_per_batch", max_views_per_batch)
         self.max_views_per_batch = max_views_per_batch
-        # Set by Learner.four_corner_tta(beta=...): also keep the plain (uncropped) prediction.
+        # Set by Learner.four_corner_tta: also keep the plain (uncropped) prediction.
         self.keep_plain = False
         self._init_state()
 
@@ -699,7 +216,11 @@ class FourCornerTTA(Callback):
 
     @property
     def plain_preds(self) -> Tensor | None:
-        """Raw outputs on the uncropped inputs of the last run, if ``keep_plain`` was set."""
+        """Raw outputs on the uncropped inputs of the last run, if ``keep_plain`` was set.
+
+        They stay on the model's device (detached, and gathered across processes under DDP) until
+        read here, so keeping them copies nothing to the host per batch.
+        """
         return torch.cat(self._plain) if self._plain else None
 
     def before_validate(self) -> None:
@@ -770,7 +291,7 @@ class FourCornerTTA(Callback):
             out = torch.cat(outs) if len(outs) > 1 else pred
             out = out.reshape(-1, state["bs"], *pred.shape[1:])
             if state["plain_idx"] is not None:
-                self._plain.append(self.learn.to_detach(out[state["plain_idx"]]))
+                self._plain.append(self.learn.to_detach(out[state["plain_idx"]], cpu=False))
             merged = merge_views(out[: state["n_merged"]], self.merge, self._act)
         self.learn.pred = merged.to(pred.dtype)
         self.learn.xb = state["xb"]
@@ -818,7 +339,7 @@ class FourCornerTTA(Callback):
             )
         stride = strides.pop()
         if state["plain_idx"] is not None:
-            self._plain.append(self.learn.to_detach(per_view[state["plain_idx"]]))
+            self._plain.append(self.learn.to_detach(per_view[state["plain_idx"]], cpu=False))
         act = self._dense_act if self.merge != "logits" else None
         merged = paste_views(
             per_view[: state["n_merged"]],
@@ -875,53 +396,142 @@ def _output_stride(in_size: Sequence[int], out_size: Sequence[int], image_size: 
     return stride
 
 
-def _chunk(views: list[Tensor], max_views: int | None) -> list[Tensor]:
-    """Concatenate consecutive views of equal shape, at most ``max_views`` at a time, along the batch."""
-    chunks: list[list[Tensor]] = []
-    for v in views:
-        last = chunks[-1] if chunks else None
-        if last is not None and last[0].shape == v.shape and (max_views is None or len(last) < max_views):
-            last.append(v)
-        else:
-            chunks.append([v])
-    return [torch.cat(c) if len(c) > 1 else c[0] for c in chunks]
+# --- the learn.tta drop-in -------------------------------------------------------------------------
+
+#: ``learn.tta``'s arguments that mean nothing here, and what to use instead.
+_REFUSED = {
+    "n": (
+        "four_corner_tta has no n: its views are fixed, not n passes of random training augmentation; they are the "
+        "four corner crops and the center crop (flip=True adds their mirror images, ten-crop; full=True the whole "
+        "image). Drop n, or use learn.tta(n={value!r}) for fastai's random passes"
+    ),
+    "item_tfms": (
+        "four_corner_tta has no item_tfms: it cuts its views from the batches of the DataLoader as they are. Pass a "
+        "DataLoader with those transforms instead, dl=learn.dls[ds_idx].new(after_item=item_tfms), which is what "
+        "learn.tta(item_tfms=...) predicts on"
+    ),
+    "batch_tfms": (
+        "four_corner_tta has no batch_tfms: it cuts its views from the batches of the DataLoader as they are. Pass a "
+        "DataLoader with those transforms instead, dl=learn.dls[ds_idx].new(after_batch=batch_tfms), which is what "
+        "learn.tta(batch_tfms=...) predicts on"
+    ),
+}
 
 
-# --- convenience method ----------------------------------------------------------------------------
-
-
-@patch
 def four_corner_tta(
     self: Learner,
     ds_idx: int = 1,
     dl: DataLoader | None = None,
-    beta: float | None = None,
-    **kwargs,
-) -> tuple[Tensor, Tensor | None]:
-    """Predictions on ``ds_idx`` or ``dl`` with :class:`FourCornerTTA`, like ``learn.tta``.
+    n: int | None = None,
+    item_tfms: object = None,
+    batch_tfms: object = None,
+    beta: float | None = 0.25,
+    use_max: bool = False,
+    *,
+    crop: int | float | None = 0.875,
+    flip: bool = False,
+    center: bool = True,
+    full: bool = False,
+    resize: bool = True,
+    merge: str | None = None,
+    max_views_per_batch: int | None = None,
+) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor | None]:
+    """Predictions on ``ds_idx`` or ``dl`` with :class:`~fastai_tricks.FourCornerTTA`, a drop-in for ``learn.tta``.
 
-    One pass over the data: each image is decoded once, and its views (and, with ``beta``, the
-    plain uncropped input) go through the model together. A fastprogress bar runs over the
-    batches when the learner has its ``ProgressCallback`` (hide it with ``learn.no_bar()``).
+    ``learn.tta(...)`` becomes ``learn.four_corner_tta(...)`` with the same arguments and the same
+    return, fastai's ``Learner.tta`` (fastai 2.8): ``aug_preds`` is the merged prediction over the
+    views (fastai's: the mean over ``n`` randomly augmented passes), ``preds`` the plain prediction
+    on the un-augmented input, and
+
+    * ``beta`` a float: ``(torch.lerp(aug_preds, preds, beta), targs)``, that is
+      ``(1 - beta) * aug_preds + beta * preds``;
+    * ``beta=None``: ``((aug_preds, preds), targs)``, both predictions, unblended;
+    * ``use_max=True``: the views are merged by their maximum (``merge='max'``) and
+      ``(torch.maximum(aug_preds, preds), targs)`` is returned, whatever ``beta``, as fastai does
+      (not renormalised).
+
+    Predictions are probabilities after the loss's activation, as ``get_preds`` gives them;
+    ``targs`` is None for an unlabelled ``test_dl``. One pass over the data: each image is decoded
+    once, and its views and its plain input go through the model together (with ``full=True`` the
+    whole-image view is the plain prediction, so no extra view is needed). The plain predictions
+    stay on the model's device until the pass ends, then go to the host in one copy: no batch
+    waits for the device. A fastprogress bar runs over the batches when the learner has its
+    ``ProgressCallback`` (hide it with ``learn.no_bar()``).
+
+    The default ``beta=0.25`` is fastai's, kept because blending did not measurably lose on real
+    data. On scikit-learn's handwritten digits (``fastai_tricks.make_digits``: 1,347 training and
+    450 validation scans at 32 px), the recipe's model (``digits_config()``: xresnet18 from
+    scratch, 4 epochs of ``fit_one_cycle``) was trained once per seed, seeds 0, 1 and 2, and each
+    prediction scored on the validation set; mean ± std over the seeds, CPU (AMD EPYC, 1 thread),
+    ``benchmarks/bench_tta_beta.py``:
+
+    ======================================  ===============  ===============
+    prediction                              accuracy         NLL
+    ======================================  ===============  ===============
+    plain (``get_preds``)                   0.9793 ± 0.0046  0.0602 ± 0.0054
+    ``beta=None``: ``aug_preds``            0.9852 ± 0.0034  0.0616 ± 0.0030
+    ``beta=0.25`` (the default)             0.9844 ± 0.0022  0.0579 ± 0.0031
+    ``beta=0.5``                            0.9822 ± 0.0022  0.0557 ± 0.0040
+    ``use_max=True``                        0.9800 ± 0.0038  0.0935 ± 0.0060
+    fastai ``learn.tta()`` (n=4, 0.25)      0.9815 ± 0.0051  0.0625 ± 0.0029
+    ======================================  ===============  ===============
+
+    Against pure TTA, the blend gave up one image of 450 on one seed (-0.07 points on average) and
+    lowered the mean negative log-likelihood of the true class (NLL) from 0.0616 to 0.0579.
 
     Args:
         self: The Learner (this is a method patched onto ``Learner``).
-        ds_idx: Which of ``self.dls`` to predict on when ``dl`` is None (1: validation).
+        ds_idx: Which of ``self.dls`` to predict on when ``dl`` is None (1: validation); it is read
+            in order, with no batch dropped.
         dl: A DataLoader to predict on, e.g. ``learn.dls.test_dl(files)``; it is read in order.
-        beta: None returns the TTA prediction. A float in [0, 1] blends it with the plain
-            prediction as ``learn.tta`` does: ``torch.lerp(tta, plain, beta)``.
-        **kwargs: Passed to :class:`FourCornerTTA` (``crop``, ``flip``, ``center``, ``full``,
-            ``resize``, ``merge``, ``max_views_per_batch``).
+        n: Refused (ValueError): the views are fixed. ``learn.tta``'s number of random passes.
+        item_tfms: Refused (ValueError): pass ``dl=learn.dls[ds_idx].new(after_item=...)`` instead.
+        batch_tfms: Refused (ValueError): pass ``dl=learn.dls[ds_idx].new(after_batch=...)`` instead.
+        beta: Weight of the plain prediction in ``torch.lerp(aug_preds, preds, beta)``, in [0, 1];
+            None returns both predictions.
+        use_max: Merge the views by their maximum and return the elementwise maximum of the merged
+            and the plain prediction.
+        crop: Side of the square crops, as in :class:`~fastai_tricks.FourCornerTTA`.
+        flip: Add the mirror image of every view (ten-crop with the defaults).
+        center: Add the center crop to the four corners.
+        full: Add the whole, uncropped input as a view.
+        resize: Resize the crops back to the short side of the input.
+        merge: How to merge the views, one of :data:`~fastai_tricks.MERGE_MODES`; None: ``'mean'``,
+            or ``'max'`` with ``use_max``.
+        max_views_per_batch: At most this many views of a batch go through the model at once.
 
     Returns:
-        ``(preds, targs)`` as ``get_preds`` returns them: probabilities after the loss's
-        activation, and the targets (None for an unlabelled ``test_dl``).
+        ``(preds, targs)`` as above; with ``beta=None``, ``preds`` is the pair ``(aug_preds, preds)``.
+
+    Raises:
+        ValueError: ``n``, ``item_tfms`` or ``batch_tfms`` is given (the message says what to use
+            instead), ``beta`` is outside [0, 1], ``use_max`` with a ``merge`` other than ``'max'``,
+            or a view setting is invalid (see :class:`~fastai_tricks.FourCornerTTA`).
+        TypeError: any other keyword (Python names ``four_corner_tta`` in the message).
 
     """
-    cb = FourCornerTTA(**kwargs)
+    for name, value in (("n", n), ("item_tfms", item_tfms), ("batch_tfms", batch_tfms)):
+        if value is not None:
+            raise ValueError(_REFUSED[name].format(value=value))
     if beta is not None:
         beta = check_fraction("beta", beta)
-        cb.keep_plain = True
+    if use_max:
+        if merge not in (None, "max"):
+            raise ValueError(
+                f"four_corner_tta(use_max=True) merges the views by their maximum, but merge={merge!r} was also "
+                "given; drop merge, or use_max"
+            )
+        merge = "max"
+    cb = FourCornerTTA(
+        crop=crop,
+        flip=flip,
+        center=center,
+        full=full,
+        resize=resize,
+        merge="mean" if merge is None else merge,
+        max_views_per_batch=max_views_per_batch,
+    )
+    cb.keep_plain = True
     if dl is None:
         dl = self.dls[ds_idx].new(shuffle=False, drop_last=False)
     elif isinstance(dl, DataLoader) and (dl.shuffle or dl.drop_last):
@@ -929,9 +539,17 @@ def four_corner_tta(
         dl = dl.new(shuffle=False, drop_last=False)
     attached = [c for c in self.cbs if isinstance(c, FourCornerTTA)]
     with self.removed_cbs(attached):
-        preds, targs = self.get_preds(dl=dl, cbs=cb)
-    if beta is not None:
-        act = getcallable(self.loss_func, "activation")
-        plain = act(cb.plain_preds.float()).to(preds.dtype)
-        preds = torch.lerp(preds, plain, beta)
-    return preds, targs
+        aug_preds, targs = self.get_preds(dl=dl, cbs=cb)
+    # The plain outputs stayed on the model's device during the pass: one copy here, none per batch.
+    act = getcallable(self.loss_func, "activation")
+    preds = act(cb.plain_preds.to(aug_preds.device).float()).to(aug_preds.dtype)
+    if use_max:
+        return torch.maximum(aug_preds, preds), targs
+    if beta is None:
+        return (aug_preds, preds), targs
+    return torch.lerp(aug_preds, preds, beta), targs
+
+
+# Learner.four_corner_tta. Not the @patch decorator, which would leave this module's name unbound (fastcore returns the
+# name's previous value): as a plain function it is importable from here too, and the API reference documents it.
+patch(four_corner_tta)

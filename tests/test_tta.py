@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoo
 from fastai.vision.core import PILImageBW
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastai_tricks.tta as tta_module
 from fastai_tricks.tta import (
     FourCornerTTA,
     _activation_kind,
@@ -415,7 +418,7 @@ def test_attached_callback_survives_export_and_load_learner(tiny_learner, tmp_pa
     after, _ = loaded.get_preds(dl=loaded.dls.test_dl(files))
     assert torch.allclose(after, before, atol=1e-6)
     # The patched method is not shadowed by the attached callback, which it sets aside and puts back.
-    again, _ = loaded.four_corner_tta(dl=loaded.dls.test_dl(files), flip=True)
+    (again, _), _ = loaded.four_corner_tta(dl=loaded.dls.test_dl(files), flip=True, beta=None)
     assert torch.allclose(again, before, atol=1e-6)
     assert sum(isinstance(cb, FourCornerTTA) for cb in loaded.cbs) == 1
     # predict goes through get_preds too, so a single item gets the TTA prediction.
@@ -553,3 +556,202 @@ def test_chunks_join_equal_views_and_pass_a_lone_view_through_uncopied():
     assert [t.shape for t in chunks] == [(4, 3), (2, 4)]
     assert torch.equal(chunks[0], torch.cat([a, b])) and chunks[1] is c
     assert [t.shape[0] for t in _chunk([a, b, a], 2)] == [4, 2]
+
+
+# --- learn.four_corner_tta: learn.tta's contract -----------------------------------------------------
+
+
+def _structure(preds):
+    """The nesting and shapes of a ``(preds, targs)`` return, with tensors replaced by their shapes."""
+    if isinstance(preds, tuple):
+        return tuple(_structure(p) for p in preds)
+    return None if preds is None else tuple(preds.shape)
+
+
+def _tensors(preds):
+    return list(preds) if isinstance(preds, tuple) else [preds]
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"beta": None}, {"beta": 0.5}, {"use_max": True}, {"use_max": True, "beta": None}, {"ds_idx": 0}]
+)
+def test_returns_what_learn_tta_returns_for_the_same_arguments(tiny_learner, kw):
+    with tiny_learner.no_bar():
+        fastai_preds, fastai_targs = tiny_learner.tta(**kw)
+        preds, targs = tiny_learner.four_corner_tta(**kw)
+    assert _structure(preds) == _structure(fastai_preds)
+    assert torch.equal(targs, fastai_targs)
+    # The same dtype, and probabilities in [0, 1] like fastai's.
+    for ours, theirs in zip(_tensors(preds), _tensors(fastai_preds), strict=True):
+        assert ours.dtype == theirs.dtype and 0.0 <= ours.min() and ours.max() <= 1.0
+
+
+def test_beta_none_returns_the_tta_and_the_plain_prediction_unblended(tiny_learner):
+    plain, targs = tiny_learner.get_preds()
+    tta, _ = tiny_learner.get_preds(cbs=FourCornerTTA(flip=True))
+    (aug_preds, preds), targs2 = tiny_learner.four_corner_tta(beta=None, flip=True)
+    assert torch.allclose(aug_preds, tta, atol=1e-6)
+    assert torch.allclose(preds, plain, atol=1e-6)
+    assert torch.equal(targs2, targs)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.7, 1.0])
+def test_beta_blends_the_pair_with_torch_lerp_like_learn_tta(tiny_learner, beta):
+    (aug_preds, preds), _ = tiny_learner.four_corner_tta(beta=None)
+    blended, _ = tiny_learner.four_corner_tta(beta=beta)
+    # fastai: torch.lerp(aug_preds, preds, beta), the weight beta on the plain prediction.
+    assert torch.allclose(blended, torch.lerp(aug_preds, preds, beta), atol=1e-6)
+    assert torch.allclose(blended, (1 - beta) * aug_preds + beta * preds, atol=1e-6)
+
+
+def test_default_beta_is_fastais_quarter(tiny_learner):
+    (aug_preds, preds), _ = tiny_learner.four_corner_tta(beta=None)
+    default, _ = tiny_learner.four_corner_tta()
+    assert torch.allclose(default, torch.lerp(aug_preds, preds, 0.25), atol=1e-6)
+    assert not torch.allclose(default, aug_preds, atol=1e-4)
+
+
+def test_use_max_is_the_max_merge_and_the_max_with_the_plain_prediction_whatever_beta(tiny_learner):
+    plain, targs = tiny_learner.get_preds()
+    max_merged, _ = tiny_learner.get_preds(cbs=FourCornerTTA(merge="max"))
+    for beta in (0.25, None):
+        preds, targs2 = tiny_learner.four_corner_tta(use_max=True, beta=beta)
+        # fastai: torch.stack([preds, aug_preds], 0).max(0)[0], a tensor even with beta=None.
+        assert torch.allclose(preds, torch.maximum(max_merged, plain), atol=1e-6)
+        assert torch.equal(targs2, targs)
+    assert torch.allclose(tiny_learner.four_corner_tta(use_max=True, merge="max")[0], preds)
+    with pytest.raises(ValueError, match=r"four_corner_tta\(use_max=True\).*merge='mean'"):
+        tiny_learner.four_corner_tta(use_max=True, merge="mean")
+
+
+def test_ds_idx_and_dl_choose_the_data_read_in_order(tiny_learner):
+    # The training set (its Resize crops at random, so only the shapes and targets can be compared), in order.
+    plain0, targs0 = tiny_learner.get_preds(ds_idx=0)
+    (aug0, preds0), t0 = tiny_learner.four_corner_tta(ds_idx=0, beta=None)
+    assert aug0.shape == preds0.shape == plain0.shape == (60, 10) and torch.equal(t0, targs0)
+    # A shuffled DataLoader that drops its last batch is read in order, every item once.
+    dl = tiny_learner.dls.valid.new(shuffle=True, drop_last=True)
+    from_dl, targs_dl = tiny_learner.four_corner_tta(dl=dl)
+    from_idx, targs_idx = tiny_learner.four_corner_tta(ds_idx=1)
+    assert torch.equal(targs_dl, targs_idx) and torch.allclose(from_dl, from_idx, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kw", "instead"),
+    [
+        ({"n": 4}, r"learn\.tta\(n=4\)"),
+        ({"n": 8}, r"learn\.tta\(n=8\)"),
+        ({"item_tfms": "Resize"}, r"dl=learn\.dls\[ds_idx\]\.new\(after_item="),
+        ({"batch_tfms": "Flip"}, r"dl=learn\.dls\[ds_idx\]\.new\(after_batch="),
+    ],
+)
+def test_learn_tta_keywords_that_mean_nothing_here_are_refused_saying_what_to_use(tiny_learner, kw, instead):
+    (name,) = kw
+    with pytest.raises(ValueError, match="four_corner_tta") as err:
+        tiny_learner.four_corner_tta(**kw)
+    assert f"has no {name}" in str(err.value)
+    assert re.search(instead, str(err.value))
+    assert "FourCornerTTA" not in str(err.value)  # not the constructor the user never called
+
+
+def test_learn_tta_positional_order_is_kept(tiny_learner):
+    # learn.tta(ds_idx, dl, n, item_tfms, batch_tfms, beta, use_max): the third positional is n, refused.
+    with pytest.raises(ValueError, match="four_corner_tta has no n"):
+        tiny_learner.four_corner_tta(1, None, 4)
+    dl = tiny_learner.dls.valid
+    blended, _ = tiny_learner.four_corner_tta(1, dl, None, None, None, 0.5)
+    assert torch.allclose(blended, tiny_learner.four_corner_tta(dl=dl, beta=0.5)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{"betta": 0.25}, {"with_input": True}, {"cbs": []}])
+def test_other_unknown_keywords_raise_a_type_error_naming_four_corner_tta(tiny_learner, kw):
+    with pytest.raises(TypeError, match=r"four_corner_tta\(\) got an unexpected keyword argument"):
+        tiny_learner.four_corner_tta(**kw)
+
+
+# --- no device-to-host sync per batch ---------------------------------------------------------------
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records what would make the host wait for the device: reading a value back, or data-dependent shapes.
+
+    Operators: ``_local_scalar_dense`` (``.item()``, ``bool(t)``, ``float(t)``), ``nonzero``,
+    ``masked_select``, ``equal``, and indexing with a boolean mask. Python calls: ``Tensor.cpu``,
+    ``.tolist``, ``.numpy``, and ``.to`` with a device (``count.to(device)`` of a host tensor). On a
+    CPU these are cheap, but the same call is a sync on a GPU, so counting them here keeps the GPU
+    path free of them.
+    """
+
+    _OPS = frozenset({"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "equal"})
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.seen: list[str] = []
+        for name in ("cpu", "tolist", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+        to = torch.Tensor.to
+
+        def to_device(t, *args, **kwargs):
+            if self.active and ("device" in kwargs or any(isinstance(a, (torch.device, str, Tensor)) for a in args)):
+                self.seen.append(f"Tensor.to({args}, {kwargs})")
+            return to(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", to_device)
+        self.active = False
+
+    def _wrap(self, name, method):
+        def wrapped(t, *args, **kwargs):
+            if self.active:
+                self.seen.append(f"Tensor.{name}")
+            return method(t, *args, **kwargs)
+
+        return wrapped
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self._OPS:
+            self.seen.append(name)
+        elif name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)):
+            if any(isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1]):
+                self.seen.append(f"{name} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordedTTA(FourCornerTTA):
+    """FourCornerTTA whose per-batch events run under a :class:`SyncRecorder`."""
+
+    recorder: SyncRecorder | None = None
+
+    def before_batch(self):
+        with type(self).recorder:
+            super().before_batch()
+
+    def after_pred(self):
+        with type(self).recorder:
+            super().after_pred()
+
+
+def test_sync_recorder_sees_the_syncs_it_is_for(monkeypatch):
+    rec = SyncRecorder(monkeypatch)
+    x = torch.rand(4, 3)
+    with rec:
+        x.sum().item(), x[x > 0.5], x.cpu(), x.to("cpu"), x.to(torch.float64)
+    assert rec.seen == ["_local_scalar_dense", "index with a boolean mask", "Tensor.cpu", "Tensor.to(('cpu',), {})"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"flip": True, "full": True, "max_views_per_batch": 4}])
+def test_four_corner_tta_reads_nothing_back_from_the_device_per_batch(tiny_learner, monkeypatch, kw):
+    _RecordedTTA.recorder = rec = SyncRecorder(monkeypatch)
+    monkeypatch.setattr(tta_module, "FourCornerTTA", _RecordedTTA)
+    blended, _ = tiny_learner.four_corner_tta(beta=0.25, **kw)
+    assert blended.shape == (20, 10)
+    # The plain prediction stays on the model's device until the pass ends; no batch copies it to the host.
+    assert rec.seen == []

@@ -14,8 +14,10 @@ from fastai.torch_core import TensorImage, TensorMask
 from fastai.vision.core import TensorBBox, TensorPoint
 from hypothesis import given
 from hypothesis import strategies as st
+from test_tta import SyncRecorder, _RecordedTTA
 from torch import nn
 
+import fastai_tricks.tta as tta_module
 from fastai_tricks.tta import (
     FourCornerTTA,
     ViewBox,
@@ -415,7 +417,7 @@ def test_unet_learner_validates_and_predicts_with_dense_tta(fake_segmentation):
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-2)
         loss, dice, fg = learn.validate(cbs=FourCornerTTA(flip=True))
-        preds, targs = learn.four_corner_tta(flip=True)
+        (preds, _), targs = learn.four_corner_tta(flip=True, beta=None)
         plain, plain_targs = learn.get_preds()
         blended, _ = learn.four_corner_tta(beta=0.5)
         five, _ = learn.get_preds(cbs=FourCornerTTA())
@@ -429,3 +431,41 @@ def test_unet_learner_validates_and_predicts_with_dense_tta(fake_segmentation):
     assert 0.0 <= dice <= 1.0
     assert torch.allclose(blended, torch.lerp(five, plain, 0.5), atol=1e-6)
     assert not any(isinstance(cb, FourCornerTTA) for cb in learn.cbs)
+
+
+# --- learn.four_corner_tta on dense outputs, and no device-to-host sync per batch ------------------------
+
+
+def test_dense_four_corner_tta_returns_learn_tta_pair_and_blend():
+    learn = _dense_learner()
+    plain, targs = learn.get_preds()
+    (aug_preds, preds), targs2 = learn.four_corner_tta(beta=None, flip=True, resize=False)
+    assert aug_preds.shape == preds.shape == (5, 3, 16, 16) and torch.equal(targs2, targs)
+    # A pixelwise model commutes with the views: the pasted TTA prediction is the plain one.
+    assert torch.allclose(preds, plain, atol=1e-6) and torch.allclose(aug_preds, plain, atol=1e-5)
+    blended, _ = learn.four_corner_tta(beta=0.5, flip=True, resize=False)
+    assert torch.allclose(blended, torch.lerp(aug_preds, preds, 0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mode", "activation"), [("mean", "softmax"), ("mean", "sigmoid"), ("gmean", "softmax"), ("max", "softmax")]
+)
+def test_paste_views_reads_nothing_back_from_the_device(monkeypatch, mode, activation):
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    outs = expand_views(x, 8, flip=True)
+    rec = SyncRecorder(monkeypatch)
+    with rec:
+        merged = paste_views(outs, (12, 12), 8, flip=True, mode=mode, activation=activation)
+    assert merged.shape == (2, 3, 12, 12)
+    # The coverage is built where the outputs are, and the uncovered-pixel check runs on NumPy.
+    assert rec.seen == []
+
+
+def test_dense_four_corner_tta_with_beta_reads_nothing_back_per_batch(monkeypatch):
+    model = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(3, 3, 1))  # output stride 2
+    learn = _dense_learner(model=model, target_shape=(8, 8))
+    _RecordedTTA.recorder = rec = SyncRecorder(monkeypatch)
+    monkeypatch.setattr(tta_module, "FourCornerTTA", _RecordedTTA)
+    blended, targs = learn.four_corner_tta(beta=0.25, flip=True, crop=8)
+    assert blended.shape == (5, 3, 8, 8) and targs.shape == (5, 8, 8)
+    assert rec.seen == []

@@ -58,7 +58,8 @@ SCOPE: dict[str, dict[str, list[str]]] = {
         "functions": ["*"],
         "tests": ["tests/test_mix_ops.py", "tests/test_mix_ops_fidelity.py", "tests/test_bad_input.py"],
     },
-    "tta": {
+    # tta.py itself is the fastai callback; its pure parts live in tta_views.py and tta_merge.py.
+    "tta_views": {
         "functions": [
             "_crop_side",
             "_check_crop",
@@ -67,10 +68,14 @@ SCOPE: dict[str, dict[str, list[str]]] = {
             "view_names",
             "expand_views",
             "_resize",
-            "merge_views",
+            "_float32_at_most",
             "_chunk",
         ],
-        "tests": ["tests/test_tta.py", "tests/test_bad_input.py"],
+        "tests": ["tests/test_tta.py", "tests/test_tta_dense.py", "tests/test_bad_input.py"],
+    },
+    "tta_merge": {
+        "functions": ["merge_views"],
+        "tests": ["tests/test_tta.py", "tests/test_tta_dense.py", "tests/test_bad_input.py"],
     },
     "resizing": {
         "functions": [
@@ -191,12 +196,28 @@ SAMPLE: tuple[Patch, ...] = (
         "smoothing spread over K - 1 classes",
     ),
     Patch(
-        "tta",
+        "tta_merge",
         "merge_views",
         "logp.logsumexp(0) - math.log(n_views)",
         "logp.max(0).values",
         ("tests/test_tta.py::test_softmax_mean",),
         "mean mode takes the max",
+    ),
+    Patch(
+        "tta_views",
+        "_crop_side",
+        "if side > short:",
+        "if side >= short:",
+        ("tests/test_tta.py::test_float_size_is_a_fraction_of_the_short_side",),
+        "a crop of the whole short side refused",
+    ),
+    Patch(
+        "tta_views",
+        "_float32_at_most",
+        "if float(high) > n:",
+        "if float(high) >= n:",
+        ("tests/test_tta.py::test_integer_views_keep_the_extremes_of_their_type_without_wrapping",),
+        "integer maxima stepped down although float32 holds them",
     ),
 )
 
