@@ -28,6 +28,7 @@ from .distributed import (
     rank_and_world,
 )
 from .draft import DraftDL, DraftImage, DraftImageBlock, draft_reduction
+from .fixres import TestSize, crop_magnification, fixres_test_size, recalibrate_batchnorm, zoom_magnification
 from .losses import LabelSmoothingCE, LabelSmoothingCEFlat, smooth_targets
 from .mixing import (
     CutMix,
@@ -132,6 +133,11 @@ __all__ = [
     "DraftImage",
     "DraftImageBlock",
     "draft_reduction",
+    "TestSize",
+    "crop_magnification",
+    "fixres_test_size",
+    "recalibrate_batchnorm",
+    "zoom_magnification",
     "__version__",
     "imagenette_path",
     "make_digits",
