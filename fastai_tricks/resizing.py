@@ -407,8 +407,12 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
     resolution discrepancy*, NeurIPS 2019, arXiv:1906.06423) unless ``resize_valid=True``.
 
     Every fit runs its own schedule, including each of ``fine_tune``'s two fits. The callback
-    does nothing during ``lr_find``, ``validate``, ``get_preds``, ``predict`` and TTA. Sizes used at
-    every training iteration of the last fit are in :attr:`sizes`, learning rates in :attr:`lrs`.
+    does nothing during ``lr_find``, ``validate``, ``get_preds``, ``predict``, TTA and
+    ``show_results``. Sizes used at every training iteration of the last training fit are in
+    :attr:`sizes`, learning rates in :attr:`lrs`. This record is reset only when a training fit
+    starts: it survives ``validate``, ``get_preds``, ``predict``, ``tta``, ``four_corner_tta``,
+    ``show_results``, ``lr_find`` (a mock fit, not the user's training), removal from the learner,
+    ``export`` and ``load_learner``. A fit shorter than ``min_epochs`` leaves it empty.
 
     Args:
         initial_size: A float in (0, 1] is a fraction of the final size; an int is the short side
@@ -513,11 +517,14 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
         self._current: Size | None = None
 
     def before_fit(self) -> None:
-        """Start a fresh schedule; put back mixing alphas a crashed fit may have left changed."""
+        """Start fresh per-fit state; put back mixing alphas a crashed fit may have left changed.
+
+        fastai fires ``before_fit`` for ``validate``, ``get_preds``, ``predict``, TTA and ``lr_find``
+        too, so the record (:attr:`sizes`, :attr:`lrs`) is not cleared here: only when a training fit
+        reaches its first training epoch (:meth:`_start_fit`).
+        """
         self._restore_alphas()
         self._reset()
-        self.sizes.clear()
-        self.lrs.clear()
 
     def after_fit(self) -> None:
         """Drop the per-fit copy and restore mixing alphas."""
@@ -541,7 +548,10 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
         self._started = True
         self._active = not is_lr_finding(self.learn) and not is_gathering_preds(self.learn)
         if not self._active:
-            return
+            return  # lr_find is not the user's training: the last training fit's record stays
+        # A training fit: the record now describes this fit (empty if the budget guard below keeps it full size).
+        self.sizes.clear()
+        self.lrs.clear()
         if not schedule_pays_off(self.learn.n_epoch, self.min_epochs):
             self._active = False
             warnings.warn(
@@ -717,7 +727,7 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
     # -- reporting -------------------------------------------------------------------------------------
 
     def plot_schedule(self, figsize: tuple[float, float] = (8, 3.5)) -> Any:
-        """Plot the image size and the learning rate at every training iteration of the last fit.
+        """Plot the image size and the learning rate at every training iteration of the last training fit.
 
         Returns:
             The matplotlib figure.
@@ -727,7 +737,10 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
 
         """
         if not self.sizes:
-            raise RuntimeError("ProgressiveResize.plot_schedule needs a fit first: no size has been recorded")
+            raise RuntimeError(
+                "ProgressiveResize.plot_schedule needs a fit first: no size has been recorded (lr_find, validate "
+                "and get_preds record nothing, and a fit shorter than min_epochs trains at full size)"
+            )
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=figsize)

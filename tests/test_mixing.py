@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from fastai_tricks.mixing import (
+    MIX_IN_LR_FIND,
     CutMix,
     FMix,
     ManifoldMix,
@@ -591,3 +592,267 @@ def test_mixing_is_applied_to_every_training_batch_with_p_one(dls):
 def _record(learn, cbs):
     quiet_fit(learn, cbs=cbs)
     return cbs[-1].seen
+
+
+# --- fastai's names: lam and yb1 -------------------------------------------------------------------
+
+
+def _fake_learn(x, y, lf=None):
+    """The attributes a mixing callback reads, for one training batch without a training loop."""
+    return SimpleNamespace(
+        xb=(x,), yb=(y,), training=True, pct_train=0.0, epoch=0, n_epoch=1, loss_func=lf or CrossEntropyLossFlat()
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lam_and_yb1_are_none_before_the_first_batch_not_forwarded_to_the_model(dls, variant):
+    cb = VARIANTS[variant]()
+    assert cb.lam is None and cb.yb1 is None
+    learn = make_learner(dls, variant)
+    learn.add_cb(cb)  # Callback.__getattr__ forwards unknown names to the model ('Linear' has no 'lam')
+    assert cb.lam is None and cb.yb1 is None
+
+
+def test_mixup_lam_is_the_per_sample_weight_actually_used_and_yb1_the_partner_targets():
+    seed_everything(0)
+    x, y = torch.rand(6, 3, 5, 5), torch.arange(6)  # distinct targets: yb1 names each partner
+    cb = MixUp(alpha=1.0)
+    cb.learn = learn = _fake_learn(x, y)
+    cb.before_batch()
+    (partner,) = cb.yb1
+    lam = cb.lam
+    assert lam.shape == (6,) and lam.dtype == torch.float32 and lam.device == x.device
+    assert sorted(partner.tolist()) == list(range(6)) and not torch.equal(partner, y)
+    w = lam.view(6, 1, 1, 1)
+    assert torch.allclose(learn.xb[0], w * x + (1 - w) * x[partner], atol=1e-6)
+    assert len(set(lam.tolist())) == 6  # one λ per sample
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: CutMix(), lambda: CutMix(per_sample=True), lambda: FMix(), lambda: ResizeMix()]
+)
+def test_box_variants_lam_is_the_kept_fraction_of_each_mixed_image(make):
+    seed_everything(1)
+    b = 6
+    x = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, 16, 16).clone()  # image i is all i
+    cb = make()
+    cb.learn = learn = _fake_learn(x, torch.arange(b))
+    cb.before_batch()
+    (partner,) = cb.yb1
+    kept = (learn.xb[0] == x).float().mean(dim=(1, 2, 3))
+    moved = partner != torch.arange(b)
+    assert cb.lam.shape == (b,)
+    assert torch.allclose(cb.lam[moved], kept[moved])  # λ = fraction of each image's own pixels
+
+
+def test_mixed_loss_is_the_lambda_mix_against_yb1_in_a_real_fit(dls):
+    """Read during the fit, lam and yb1 give back the loss the learner trained on."""
+
+    class LossCheck(Callback):
+        order = 1  # after the mixing callback's after_loss
+
+        def __init__(self):
+            self.checked = 0
+
+        def after_loss(self):
+            if not self.learn.training:
+                return
+            per = CrossEntropyLossFlat(reduction="none")
+            lam, (y1,) = mix.lam, mix.yb1
+            expected = (lam * per(self.learn.pred, *self.learn.yb) + (1 - lam) * per(self.learn.pred, y1)).mean()
+            assert torch.allclose(self.learn.loss, expected)
+            self.checked += 1
+
+    learn = make_learner(dls, "mixup")
+    mix, check = MixUp(), LossCheck()
+    quiet_fit(learn, cbs=[mix, check])
+    assert check.checked == len(dls.train)
+
+
+def test_a_training_batch_left_unmixed_has_lam_one_and_is_its_own_partner():
+    x, y = torch.rand(4, 3, 5, 5), torch.tensor([0, 1, 2, 3])
+    cb = MixUp(p=0.0)
+    cb.learn = _fake_learn(x, y)
+    cb.before_batch()
+    assert torch.equal(cb.lam, torch.ones(4)) and cb.yb1[0] is y
+    one = MixUp()
+    one.learn = _fake_learn(x[:1], y[:1])
+    one.before_batch()
+    assert torch.equal(one.lam, torch.ones(1))
+
+
+def test_manifold_and_randommix_expose_lam_and_yb1_on_the_attached_callback():
+    x, y = torch.rand(4, 3, 8, 8), torch.arange(4)
+    manifold = ManifoldMix(modules=[nn.Identity()])
+    manifold.learn = SimpleNamespace(**vars(_fake_learn(x, y)), model=nn.Identity())
+    manifold.__dict__["_candidates"] = [manifold.learn.model]
+    manifold.before_batch()
+    assert manifold.lam.shape == (4,) and len(set(manifold.lam.tolist())) == 1  # one λ per batch, repeated
+    children = [MixUp(), CutMix()]
+    rm = RandomMix(children)
+    rm.learn = _fake_learn(x, y)
+    rm.before_batch()
+    assert rm.lam.shape == (4,) and sorted(rm.yb1[0].tolist()) == [0, 1, 2, 3]
+    assert all(c.lam is None for c in children)
+
+
+def test_lam_is_a_record_that_outlives_the_fit_and_yb1_is_dropped_with_its_targets(dls, tmp_path):
+    learn = make_learner(dls, "cutmix")
+    cb = CutMix()
+    learn.add_cb(cb)
+    seen = []
+
+    class Reader(Callback):
+        order = 1
+
+        def after_batch(self):
+            if self.learn.training:
+                seen.append((cb.lam, cb.yb1))
+
+    quiet_fit(learn, cbs=Reader())
+    last_lam = seen[-1][0]
+    assert all(yb1 is not None and yb1[0].shape == lam.shape for lam, yb1 in seen)  # readable during the fit
+    assert cb.lam is last_lam and cb.yb1 is None  # after the fit: λ stays, the batch of targets goes
+    with learn.no_bar(), learn.no_logging():
+        learn.validate()
+        learn.get_preds()
+    assert cb.lam is last_lam
+    learn.export(tmp_path / "model.pkl")
+    assert torch.equal(load_learner(tmp_path / "model.pkl").cut_mix.lam, last_lam)
+    learn.remove_cb(cb)
+    assert cb.lam is last_lam and cb.yb1 is None
+
+
+def test_yb1_is_dropped_when_fit_cbs_unwinds_after_an_exception(dls):
+    learn = make_learner(dls, "mixup")
+    cb = MixUp()
+    with pytest.raises(RuntimeError):
+        quiet_fit(learn, cbs=[cb, Boom("after_loss", RuntimeError)])
+    assert cb.yb1 is None and cb.lam is not None and cb.learn is None
+
+
+# Ops that read a device value back on the host (.item(), bool(), nonzero, boolean-mask indexing).
+_HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero"}
+
+
+@pytest.mark.parametrize("variant", ["mixup", "cutmix", "fmix", "resizemix"])
+def test_lam_and_yb1_add_no_host_sync(variant):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+            masked = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+            if name in _HOST_READS or masked:
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    seed_everything(0)
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    cb = VARIANTS[variant]()
+    cb.learn = learn = _fake_learn(x, y)
+    with Reads() as reads:
+        cb.before_batch()
+        learn.pred = torch.randn(6, 3)
+        learn.loss_grad = learn.loss_func(learn.pred, y)
+        cb.after_loss()
+        cb.after_batch()
+        lam, yb1 = cb.lam, cb.yb1
+    assert reads.seen == [] and lam.shape == (6,) and yb1[0].shape == (6,)
+
+
+# --- lr_find ---------------------------------------------------------------------------------------
+
+
+class _Pair(Callback):
+    """Runs after the mixing callbacks and compares with what ``first`` (before them) stored."""
+
+    order = 1
+
+    def __init__(self, first):
+        self.first, self.mixed, self.batches = first, 0, 0
+
+    def before_batch(self):
+        if self.learn.training:
+            self.batches += 1
+            self.mixed += int(not torch.equal(self.learn.xb[0], self.first.stored))
+
+
+class _Store(Callback):
+    order = -1
+
+    def before_batch(self):
+        self.stored = self.learn.xb[0].clone()
+
+
+def _lr_find_mixed(dls, mix):
+    """How many of lr_find's 6 batches ``mix`` changed, and how many there were."""
+    learn = make_learner(dls, "mixup")
+    store = _Store()
+    pair = _Pair(store)
+    learn.add_cbs([store, mix, pair])
+    with learn.no_bar(), learn.no_logging():
+        learn.lr_find(num_it=6, stop_div=False, show_plot=False)
+    return pair.mixed, pair.batches
+
+
+@pytest.mark.parametrize("variant", ["mixup", "cutmix", "randommix"])
+def test_lr_find_mixes_its_batches_as_the_default_says_and_as_the_flag_says(dls, variant):
+    # Input-level mixes only, so that a mixed batch is one whose input changed.
+    make = {"mixup": MixUp, "cutmix": CutMix}.get(variant, lambda **kw: RandomMix([MixUp(), CutMix()], **kw))
+    default = make()
+    assert default.mix_in_lr_find is MIX_IN_LR_FIND
+    assert _lr_find_mixed(dls, default) == ((6, 6) if MIX_IN_LR_FIND else (0, 6))
+    assert _lr_find_mixed(dls, make(mix_in_lr_find=True)) == (6, 6)
+    assert _lr_find_mixed(dls, make(mix_in_lr_find=False)) == (0, 6)
+
+
+def test_the_default_follows_the_lr_find_benchmark():
+    # benchmarks/results/lr_find_mix_digits.md: the fits at the mixed and the unmixed suggestion tied within
+    # noise on real digits, so fastai's behaviour (mix lr_find's batches) is the default.
+    assert MIX_IN_LR_FIND is True
+
+
+def test_fastai_mixup_mixes_every_lr_find_batch_like_mix_in_lr_find_true(dls):
+    from fastai.callback.mixup import MixUp as FastaiMixUp
+
+    assert _lr_find_mixed(dls, FastaiMixUp()) == _lr_find_mixed(dls, MixUp(mix_in_lr_find=True)) == (6, 6)
+
+
+def test_lr_find_under_mixing_leaves_training_and_validation_as_before(dls):
+    learn = make_learner(dls, "mixup")
+    cb = MixUp(mix_in_lr_find=True, off_pct=0.5)  # off_pct counts training, not lr_find's mock epochs
+    learn.add_cb(cb)
+    with learn.no_bar(), learn.no_logging():
+        learn.lr_find(num_it=6, stop_div=False, show_plot=False)
+    assert cb.lam is not None and cb.yb1 is None  # lr_find's last batch was mixed; its targets are gone
+    plain = make_learner(dls, "mixup").get_preds(dl=dls.valid)[0]
+    assert torch.equal(learn.get_preds(dl=dls.valid)[0], plain)  # lr_find put the weights back; no mixing
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_lr_find_prints_exactly_one_line_saying_what_it_does(dls, capsys, flag):
+    learn = make_learner(dls, "randommix")
+    learn.add_cb(RandomMix([MixUp(), CutMix()], mix_in_lr_find=flag))  # the children print nothing
+    capsys.readouterr()
+    with learn.no_bar(), learn.no_logging():
+        learn.lr_find(num_it=3, show_plot=False)
+        quiet_fit(learn)
+        learn.validate()
+    out = capsys.readouterr().out.splitlines()
+    if flag:
+        assert out == ["RandomMix: mixing lr_find's batches too, as in training (mix_in_lr_find=True)"]
+    else:
+        assert out == ["RandomMix: lr_find's batches are left unmixed (mix_in_lr_find=False)"]
+    assert out == [learn.random_mix.lr_find_line()]
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_mix_in_lr_find_must_be_a_bool(bad):
+    with pytest.raises(TypeError, match=r"mix_in_lr_find must be True or False, got"):
+        MixUp(mix_in_lr_find=bad)

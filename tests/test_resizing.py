@@ -486,6 +486,7 @@ def _demo_accuracy(path, cbs):
         return float(learn.validate()[1]), caught
 
 
+@pytest.mark.slow
 def test_default_progressive_resize_is_within_0_3_points_of_a_fixed_size_fit_on_demo_data(tmp_path):
     """The default on a short budget: the schedule that lost on real data (issue 11) is guarded off."""
     from fastai_tricks.data import make_fake_imagenette
@@ -496,3 +497,104 @@ def test_default_progressive_resize_is_within_0_3_points_of_a_fixed_size_fit_on_
     progressive, caught = _demo_accuracy(path, [pr])
     assert progressive >= fixed - 0.003, (progressive, fixed)
     assert any("min_epochs" in str(w.message) for w in caught)
+
+
+# --- the record outlives the fit that made it ------------------------------------------------------------
+
+# fastai fires before_fit (and after_fit) for each of these calls, not only for a training fit.
+LATER_CALLS = ["validate", "get_preds", "predict", "tta", "show_results", "four_corner_tta", "lr_find"]
+
+
+def _later_call(learn, call, path):
+    """Run one of ``LATER_CALLS`` on ``learn``, quietly."""
+    import matplotlib
+
+    import fastai_tricks.tta  # noqa: F401 - registers Learner.four_corner_tta
+
+    matplotlib.use("Agg")
+    from fastai.vision.all import get_image_files
+
+    with learn.no_bar(), learn.no_logging():
+        if call == "validate":
+            learn.validate()
+        elif call == "get_preds":
+            learn.get_preds()
+        elif call == "predict":
+            learn.predict(get_image_files(path / "val")[0])
+        elif call == "tta":
+            learn.tta(n=1)
+        elif call == "show_results":
+            learn.show_results(max_n=2)
+            matplotlib.pyplot.close("all")
+        elif call == "four_corner_tta":
+            learn.four_corner_tta()
+        elif call == "lr_find":
+            learn.lr_find(num_it=5, show_plot=False)
+
+
+def _trained(path, attach):
+    """A learner after a 1-epoch one-cycle fit with ProgressiveResize attached as ``attach`` says; and the callback."""
+    seed_everything(0)
+    dls = make_tiny_dls(path, size=32)
+    pr = ProgressiveResize(min_epochs=0)
+    learn = Learner(dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), cbs=[pr] if attach == "Learner(cbs=)" else None)
+    _fit(learn, 1, [pr] if attach == "fit(cbs=)" else [], method="fit_one_cycle")
+    return learn, pr
+
+
+@pytest.mark.parametrize("call", LATER_CALLS)
+@pytest.mark.parametrize("attach", ["Learner(cbs=)", "fit(cbs=)"])
+def test_the_record_of_the_last_training_fit_survives_every_later_call(fake_imagenette, attach, call):
+    learn, pr = _trained(fake_imagenette, attach)
+    n = len(learn.dls.train)
+    expected = resize_schedule(1, n, 32)
+    assert pr.sizes == expected and len(pr.lrs) == n  # fit(cbs=) removed the callback: the record stayed
+    lrs = list(pr.lrs)
+    if attach == "fit(cbs=)":
+        assert pr not in learn.cbs
+        with learn.added_cbs([pr]):  # the kept reference, attached again for this call only
+            _later_call(learn, call, fake_imagenette)
+    else:
+        _later_call(learn, call, fake_imagenette)
+    assert pr.sizes == expected and pr.lrs == lrs, call
+
+
+def test_plot_schedule_works_after_get_preds_as_the_docs_show(fake_imagenette):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    learn, pr = _trained(fake_imagenette, "Learner(cbs=)")
+    with learn.no_bar(), learn.no_logging():
+        learn.get_preds()
+        learn.validate()
+    fig = learn.progressive_resize.plot_schedule()
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [h for h, _ in pr.sizes]
+    assert pr.sizes[0] == (16, 16) and pr.sizes[-1] == (32, 32)
+    matplotlib.pyplot.close(fig)
+
+
+def test_the_record_survives_export_and_load_learner(fake_imagenette, tmp_path):
+    from fastai.learner import load_learner
+    from fastai.vision.all import get_image_files
+
+    learn, pr = _trained(fake_imagenette, "Learner(cbs=)")
+    learn.export(tmp_path / "export.pkl")
+    assert learn.progressive_resize.sizes == resize_schedule(1, len(learn.dls.train), 32)
+    loaded = load_learner(tmp_path / "export.pkl")
+    assert loaded.progressive_resize.sizes == pr.sizes and loaded.progressive_resize.lrs == pr.lrs
+    with loaded.no_bar():
+        loaded.predict(get_image_files(fake_imagenette / "val")[0])
+    assert loaded.progressive_resize.sizes == pr.sizes
+
+
+def test_lr_find_keeps_the_previous_training_fits_record_and_the_next_fit_replaces_it(fake_imagenette):
+    learn, pr = _trained(fake_imagenette, "Learner(cbs=)")
+    one_epoch = list(pr.sizes)
+    spy = Spy()
+    learn.add_cb(spy)
+    with learn.no_bar(), learn.no_logging():
+        learn.lr_find(num_it=5, show_plot=False)
+    assert set(spy.train) == {(32, 32)}  # lr_find itself ran at full size...
+    assert pr.sizes == one_epoch  # ...and left the training fit's record alone
+    _fit(learn, 2, [], method="fit_one_cycle")
+    assert pr.sizes == resize_schedule(2, len(learn.dls.train), 32)  # a training fit starts a new record
