@@ -32,6 +32,7 @@ from .fixres import TestSize, crop_magnification, fixres_test_size, recalibrate_
 from .losses import LabelSmoothingCE, LabelSmoothingCEFlat, smooth_targets
 from .mixing import (
     CutMix,
+    Drawn,
     FMix,
     ManifoldMix,
     MixCallback,
@@ -110,6 +111,7 @@ __all__ = [
     "is_distributed",
     "rank_and_world",
     "CutMix",
+    "Drawn",
     "FMix",
     "ManifoldMix",
     "MixCallback",
