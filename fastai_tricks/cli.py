@@ -27,6 +27,39 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_test_size(text: str) -> str | int | float:
+    """Parse ``--test-size``: 'auto' or 'off', an int as pixels ('36'), any other number as a factor ('1.15').
+
+    Raises:
+        ValueError: Anything else, or a size <= 0 or not finite; the one-line message names ``--test-size``.
+    """
+    from .recipe import check_test_size
+
+    value: str | int | float = text.strip()
+    if value not in ("auto", "off"):
+        try:
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                value = text
+    try:
+        return check_test_size(value)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "--test-size must be auto, off, pixels (an integer > 0, e.g. 36) or a factor of --size "
+            f"(a number with a point > 0, e.g. 1.15), got {text!r}"
+        ) from err
+
+
 def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -> None:
     from .recipe import IMAGENETTE_CHOICES, MIX_CHOICES, NORMALIZE_CHOICES, TTA_CHOICES
 
@@ -80,6 +113,18 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
         "--label-smoothing", type=float, help="label smoothing epsilon, e.g. 0.1 for long runs (default 0: none)"
     )
     tricks.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation (default four-corner)")
+    tricks.add_argument(
+        "--test-size",
+        metavar="auto|PX|FACTOR|off",
+        help="also evaluate at another size (FixRes): auto, pixels (36) or a factor of --size (1.15); "
+        "results.json keeps the accuracy at --size beside it. Default off: it lost accuracy on real digits",
+    )
+    tricks.add_argument(
+        "--recalibrate-bn",
+        type=_non_negative_int,
+        metavar="N",
+        help="recompute BatchNorm statistics from N training batches at the test size (default 0; needs --test-size)",
+    )
     p.add_argument("--out", type=Path, help="output folder (default runs/<command>)")
 
 
@@ -87,7 +132,7 @@ def _add_recipe_options(p: argparse.ArgumentParser, *, demo_flag: bool = True) -
 _FIELDS = (
     "data", "imagenette", "valid", "valid_pct", "workers", "arch", "size", "epochs", "bs", "lr", "seed", "fp16",
     "channels_last", "normalize", "progressive", "flip", "draft", "initial_size", "resize_start", "resize_finish",
-    "mix", "alpha", "label_smoothing", "tta", "out",
+    "mix", "alpha", "label_smoothing", "tta", "recalibrate_bn", "out",
 )  # fmt: skip
 
 
@@ -96,6 +141,8 @@ def config_from_args(args: argparse.Namespace, default_out: str) -> Any:
     from .recipe import RecipeConfig, demo_config, digits_config
 
     given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
+    if getattr(args, "test_size", None) is not None:
+        given["test_size"] = parse_test_size(args.test_size)
     given.setdefault("out", Path(default_out))
     if getattr(args, "demo", False):
         return demo_config(**given)
@@ -109,6 +156,9 @@ def _summary(results: dict[str, Any]) -> str:
     lines.append(f"accuracy: {results['accuracy']:.4f}")
     if results.get("accuracy_tta") is not None:
         lines.append(f"accuracy with {results['tta']} TTA: {results['accuracy_tta']:.4f}")
+    if results.get("accuracy_test_size") is not None:
+        size = results["tricks"].get("test size", "")
+        lines.append(f"accuracy at test size {size}: {results['accuracy_test_size']:.4f}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in results["times"].items())
     lines.append(f"time: {times}")
     return "\n".join(lines)

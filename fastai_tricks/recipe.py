@@ -10,6 +10,7 @@ sequence, one trick at a time, with the same seed and budget.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -31,6 +32,7 @@ __all__ = [
     "ABLATION_BASELINE",
     "ABLATION_STEPS",
     "ABLATION_TRICKS",
+    "EVAL_ONLY",
     "MIX_CHOICES",
     "NORMALIZE_CHOICES",
     "TTA_CHOICES",
@@ -38,8 +40,11 @@ __all__ = [
     "build_dls",
     "ablation_plan",
     "build_learner",
+    "check_test_size",
     "demo_config",
+    "describe_test_size",
     "digits_config",
+    "eval_parent",
     "find_data",
     "run_ablation",
     "run_recipe",
@@ -92,6 +97,13 @@ class RecipeConfig:
         label_smoothing: ε of :class:`fastai_tricks.LabelSmoothingCE`; 0 (the default) trains with plain
             cross-entropy: at short budgets on real digits label smoothing did not pay off (docs/recipe.md).
         tta: Test-time augmentation for the final evaluation.
+        test_size: Also evaluate at another size (:class:`fastai_tricks.TestSize`, FixRes): 'off' (the
+            default), 'auto' (the size that matches training's apparent object size), an int (pixels)
+            or a float (a factor of ``size``). ``accuracy`` stays the one at the training size; on
+            real digits every larger test size lost accuracy (docs/test_size.md).
+        recalibrate_bn: Batches of training images to recompute the BatchNorm statistics from at the
+            test size for that evaluation (0: keep the trained ones); needs a ``test_size``
+            (``test_size=1.0`` recalibrates at the training size).
         fp16: Mixed precision (needs CUDA; ignored with a warning on CPU).
         channels_last: Train in the channels_last memory format.
         seed: Seed of every random generator.
@@ -121,6 +133,8 @@ class RecipeConfig:
     alpha: float | None = None
     label_smoothing: float = 0.0
     tta: str = "four-corner"
+    test_size: str | int | float = "off"
+    recalibrate_bn: int = 0
     fp16: bool = False
     channels_last: bool = False
     seed: int = 0
@@ -148,6 +162,13 @@ class RecipeConfig:
             check_positive("alpha", self.alpha)
         check_fraction("label_smoothing", self.label_smoothing, high_inclusive=False)
         check_choice("tta", self.tta, TTA_CHOICES)
+        self.test_size = check_test_size(self.test_size)
+        check_non_negative_int("recalibrate_bn", self.recalibrate_bn)
+        if self.recalibrate_bn and self.test_size == "off":
+            raise ValueError(
+                f"recalibrate_bn needs a test_size other than 'off' (test_size=1.0 recalibrates at the training "
+                f"size), got recalibrate_bn={self.recalibrate_bn!r} and test_size='off'"
+            )
         _arch(self.arch)
         if self.workers is not None:
             check_non_negative_int("workers", self.workers)
@@ -192,11 +213,57 @@ class RecipeConfig:
             "mix": self.mix,
             "label smoothing": f"{self.label_smoothing:g}",
             "tta": self.tta,
+            "test size": describe_test_size(self.test_size, self.recalibrate_bn),
         }
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as JSON-ready values."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def check_test_size(value: Any) -> str | int | float:
+    """Return a valid ``test_size``: 'off', or what :class:`fastai_tricks.TestSize` accepts as ``size``.
+
+    Raises:
+        ValueError: A string other than 'off' and 'auto', a size <= 0 or not finite.
+        TypeError: Another type (a bool, a list).
+    """
+    from .fixres import _check_size
+
+    if isinstance(value, str) and value == "off":
+        return "off"
+    try:
+        return _check_size(value)
+    except (ValueError, TypeError) as err:
+        raise type(err)(
+            "test_size must be 'off', 'auto', an int > 0 (pixels) or a float > 0 (a factor of the training size), "
+            f"got {value!r}"
+        ) from err
+
+
+def describe_test_size(test_size: str | int | float, recalibrate_bn: int = 0, px: Sequence[int] | None = None) -> str:
+    """Say which test size a run evaluates at: 'off', 'auto', '20 px' or '1.15x', with the pixels once known."""
+    if test_size == "off":
+        return "off"
+    text = f"{test_size} px" if isinstance(test_size, int) else "auto" if test_size == "auto" else f"{test_size:g}x"
+    if px is not None and not isinstance(test_size, int):
+        text += f" ({'x'.join(map(str, dict.fromkeys(px)))} px)"  # one number for a square size
+    if recalibrate_bn:
+        text += f", BatchNorm recalibrated on {recalibrate_bn} batches"
+    return text
+
+
+def _test_size_cb(cfg: RecipeConfig) -> Any:
+    """The :class:`fastai_tricks.TestSize` of an evaluation of ``cfg``, or None when ``test_size`` is 'off'.
+
+    Only ever attached around an evaluation (``learn.added_cbs``), never passed to ``fit``, so the
+    exported learner does not carry it.
+    """
+    from .fixres import TestSize
+
+    if cfg.test_size == "off":
+        return None
+    return TestSize(cfg.test_size, recalibrate_bn=cfg.recalibrate_bn)
 
 
 def digits_config(**overrides: Any) -> RecipeConfig:
@@ -383,22 +450,31 @@ def _accuracy(preds: torch.Tensor, targs: torch.Tensor) -> float:
     return float((preds.argmax(dim=-1) == targs).float().mean())
 
 
-def evaluate(learn: Any, tta: str) -> tuple[float, float]:
-    """Validation accuracy of ``learn`` with the given TTA, and the seconds it took."""
+def evaluate(learn: Any, tta: str, test_size: Any = None) -> tuple[float, float]:
+    """Validation accuracy of ``learn`` with the given TTA, and the seconds it took.
+
+    Args:
+        learn: The trained learner.
+        tta: One of :data:`TTA_CHOICES`.
+        test_size: A :class:`fastai_tricks.TestSize` to evaluate at another size, or None. It is
+            attached for this evaluation only (``learn.added_cbs``) and detached afterwards, however
+            the evaluation ends; its ``evaluated_size`` and ``auto_found`` then record what it did.
+    """
     from .tta import FourCornerTTA
 
     start = time.perf_counter()
-    if tta == "none":
-        preds, targs = learn.get_preds(ds_idx=1)
-    elif tta == "fastai":
-        preds, targs = learn.tta(ds_idx=1)
-    else:
-        # On a CPU, batches of one view at a time run faster than one batch of all views (benchmarks page).
-        # The views' merged prediction alone (four_corner_tta's aug_preds), unblended, as the recipe has always
-        # measured it, with no plain view to run.
-        on_cpu = next(learn.model.parameters()).device.type == "cpu"
-        cb = FourCornerTTA(flip=tta == "ten-crop", max_views_per_batch=1 if on_cpu else None)
-        preds, targs = learn.get_preds(ds_idx=1, cbs=cb)
+    with contextlib.nullcontext() if test_size is None else learn.added_cbs(test_size):
+        if tta == "none":
+            preds, targs = learn.get_preds(ds_idx=1)
+        elif tta == "fastai":
+            preds, targs = learn.tta(ds_idx=1)
+        else:
+            # On a CPU, batches of one view at a time run faster than one batch of all views (benchmarks page).
+            # The views' merged prediction alone (four_corner_tta's aug_preds), unblended, as the recipe has always
+            # measured it, with no plain view to run.
+            on_cpu = next(learn.model.parameters()).device.type == "cpu"
+            cb = FourCornerTTA(flip=tta == "ten-crop", max_views_per_batch=1 if on_cpu else None)
+            preds, targs = learn.get_preds(ds_idx=1, cbs=cb)
     return _accuracy(preds, targs), time.perf_counter() - start
 
 
@@ -502,7 +578,9 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     """Train, evaluate with and without TTA, and write the run's files into ``cfg.out``.
 
     Files: ``metrics.csv`` (per-epoch metrics), ``results.json`` (accuracy with and
-    without TTA, time per phase, the resize schedule, the configuration),
+    without TTA, at the training size; ``accuracy_test_size``, without TTA at ``cfg.test_size``, or
+    None when it is 'off', and ``test_size``: the setting, the pixels evaluated, what 'auto' read
+    and ``recalibrate_bn``; time per phase, the resize schedule, the configuration),
     ``curves.png`` (loss and accuracy), ``schedule.png`` (image size per iteration,
     with progressive resizing) and ``export.pkl`` (the learner, for ``load_learner``).
 
@@ -515,8 +593,22 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"accuracy": accuracy, "accuracy_tta": None, "tta": cfg.tta}
     if cfg.tta != "none":
         results["accuracy_tta"], times["tta"] = evaluate(learn, cfg.tta)
+    tricks = cfg.tricks()
+    # The test size changes the evaluation only: attached around it, never passed to fit, so never exported.
+    cb = _test_size_cb(cfg)
+    results["accuracy_test_size"] = None
+    results["test_size"] = {"setting": cfg.test_size, "px": None, "auto_found": None, "recalibrate_bn": 0}
+    if cb is not None:
+        results["accuracy_test_size"], times["test_size"] = evaluate(learn, "none", cb)
+        px = cb.evaluated_size
+        results["test_size"].update(
+            px=None if px is None else (px[0] if px[0] == px[1] else list(px)),
+            auto_found=list(cb.auto_found) if cfg.test_size == "auto" else None,
+            recalibrate_bn=cfg.recalibrate_bn,
+        )
+        tricks["test size"] = describe_test_size(cfg.test_size, cfg.recalibrate_bn, px)
     results.update(
-        tricks=cfg.tricks(),
+        tricks=tricks,
         times=times,
         schedule=info["sizes"],
         data=info["path"],
@@ -536,7 +628,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
 
 #: The recipe without any trick: the row every trick is added to.
 ABLATION_BASELINE: dict[str, Any] = dict(
-    normalize="none", progressive=False, mix="none", label_smoothing=0.0, tta="none"
+    normalize="none", progressive=False, mix="none", label_smoothing=0.0, tta="none", test_size="off", recalibrate_bn=0
 )
 
 #: The chapter's tricks, in the chapter's order, each as the change it makes to a configuration.
@@ -546,7 +638,14 @@ ABLATION_TRICKS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("four-corner TTA", dict(tta="four-corner")),
     ("mixup", dict(mix="mixup")),
     ("label smoothing", dict(label_smoothing=0.1)),
+    # Not in the chapter: FixRes (docs/test_size.md). 'auto' unless the run names a test size; last, so that
+    # cumulatively no trained row is evaluated at it.
+    ("test size", dict(test_size="auto")),
 )
+
+#: Settings that change only how a trained model is evaluated: a row that differs from an earlier
+#: row only in these re-uses that row's model instead of training its own.
+EVAL_ONLY = ("tta", "test_size", "recalibrate_bn")
 
 #: The chapter's cumulative sequence: each step adds one trick to the step before it.
 ABLATION_STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -564,11 +663,15 @@ def ablation_plan(cfg: RecipeConfig, one_at_a_time: bool = False) -> list[tuple[
     The plan starts with plain fastai and the recipe's baseline. Cumulatively (the chapter's
     order), each row adds one trick to the row before it; with ``one_at_a_time`` each trick is
     added alone to the baseline, so a loss can never be masked by a later gain. Both end with the
-    recipe's defaults for ``cfg``'s budget.
+    recipe's defaults for ``cfg``'s budget. The test-size row evaluates at ``cfg.test_size`` (with
+    ``cfg.recalibrate_bn``) when it is not 'off', else at 'auto'; like the TTA row it trains
+    nothing (see :func:`eval_parent`).
     """
     rows: list[tuple[str, dict[str, Any] | None]] = [(PLAIN_FASTAI, None), ("baseline", dict(ABLATION_BASELINE))]
     current = dict(ABLATION_BASELINE)
     for name, change in ABLATION_TRICKS:
+        if "test_size" in change and cfg.test_size != "off":
+            change = {**change, "test_size": cfg.test_size, "recalibrate_bn": cfg.recalibrate_bn}
         if one_at_a_time:
             rows.append((f"baseline + {name}", {**ABLATION_BASELINE, **change}))
         else:
@@ -591,10 +694,11 @@ def run_ablation(cfg: RecipeConfig, *, seeds: int = 1, one_at_a_time: bool = Fal
 
     Every row trains with ``cfg``'s data, split, arch, size, epochs, batch size and learning rate.
     The first row is plain fastai (:func:`train_plain_fastai`): what a user writes without this
-    package. A row whose only change is TTA re-uses the model of the row before it, since TTA
-    changes only the evaluation; every trained row is evaluated both without TTA (``accuracy``)
-    and with four-corner TTA (``tta_accuracy``), so TTA is measured on the baseline model as well
-    as on the trained one, and a training loss is never hidden behind the TTA gain. Seeds are
+    package. A row whose only change is TTA or the test size re-uses the model of the row it
+    changes (:func:`eval_parent`), since those change only the evaluation; every row is evaluated
+    both without TTA (``accuracy``) and with four-corner TTA (``tta_accuracy``), at its own test
+    size, so TTA is measured on the baseline model as well as on the trained one, and a training
+    loss is never hidden behind the TTA gain. Seeds are
     ``cfg.seed``, ``cfg.seed + 1``, ... Writes ``ablation.md``, ``ablation.csv`` and
     ``ablation.png`` into ``cfg.out``.
 
@@ -605,7 +709,9 @@ def run_ablation(cfg: RecipeConfig, *, seeds: int = 1, one_at_a_time: bool = Fal
 
     Returns:
         One dict per row: ``step``, ``accuracy`` and ``accuracy_std`` (the row's own evaluation:
-        with TTA for the TTA row, without otherwise), ``tta_accuracy`` and ``tta_accuracy_std``,
+        with TTA for the TTA row, without otherwise; at the test size for the test-size row),
+        ``tta_accuracy`` and ``tta_accuracy_std``, ``test_px`` (the test size's short side in
+        pixels, for a row evaluated at one),
         ``delta`` (to the row it changes), ``vs_plain`` (to plain fastai), ``train_s``, ``eval_s``,
         and ``per_seed`` accuracies.
     """
@@ -625,14 +731,16 @@ def run_ablation(cfg: RecipeConfig, *, seeds: int = 1, one_at_a_time: bool = Fal
             step_cfg = dataclasses.replace(
                 cfg, **(change or {}), seed=seed, out=out, demo=False, digits=False, data=path
             )
-            parent = _tta_parent(plan, i)
+            parent = eval_parent(plan, i)
+            # The row's own evaluation: TTA when TTA is what it changes, otherwise its model alone.
+            by_tta = parent is not None and change.get("tta") != dict(plan)[parent].get("tta")
             run: dict[str, Any] = {}
             if change is None:
                 learn, run["train_s"] = train_plain_fastai(step_cfg, path)
             elif parent is not None:
                 learn, run["train_s"] = learners[parent], 0.0
             else:
-                key = step_cfg.effective(tta="none", out=cfg.out)
+                key = step_cfg.effective(tta="none", test_size="off", recalibrate_bn=0, out=cfg.out)
                 twin = next(((lrn, secs) for seen, lrn, secs in trained if seen == key), None)
                 if twin is None:
                     learn, info = train(dataclasses.replace(step_cfg, tta="none"), path)
@@ -640,36 +748,48 @@ def run_ablation(cfg: RecipeConfig, *, seeds: int = 1, one_at_a_time: bool = Fal
                     trained.append((key, *twin))
                 learn, run["train_s"] = twin
             learners[name] = learn
-            run["plain_accuracy"], run["eval_s"] = evaluate(learn, "none")
-            run["tta_accuracy"], run["tta_s"] = evaluate(learn, "four-corner")
-            run["accuracy"] = run["tta_accuracy"] if parent is not None else run["plain_accuracy"]
-            if parent is not None:
+            # Attached around each evaluation only (never to the learner's fit), as in run_recipe.
+            size_cb = None if change is None else _test_size_cb(step_cfg)
+            run["plain_accuracy"], run["eval_s"] = evaluate(learn, "none", size_cb)
+            run["tta_accuracy"], run["tta_s"] = evaluate(learn, "four-corner", size_cb)
+            if size_cb is not None and size_cb.evaluated_size is not None:
+                run["test_px"] = min(size_cb.evaluated_size)
+            run["accuracy"] = run["tta_accuracy"] if by_tta else run["plain_accuracy"]
+            if by_tta:
                 run["eval_s"] = run["tta_s"]
-                run["fastai_tta_accuracy"], run["fastai_tta_s"] = evaluate(learn, "fastai")
+                run["fastai_tta_accuracy"], run["fastai_tta_s"] = evaluate(learn, "fastai", size_cb)
             runs[name].append(run)
     rows = _summarise(plan, runs, one_at_a_time)
     _write_ablation(rows, cfg, seeds, one_at_a_time)
     return rows
 
 
-def _tta_parent(plan: Sequence[tuple[str, dict[str, Any] | None]], i: int) -> str | None:
-    """The row whose model row ``i`` re-uses: the one it differs from only by ``tta``, if any."""
-    name, change = plan[i]
-    if change is None or change.get("tta", "none") == "none":
+def _trained_part(change: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in change.items() if k not in EVAL_ONLY}
+
+
+def eval_parent(plan: Sequence[tuple[str, dict[str, Any] | None]], i: int) -> str | None:
+    """The row whose model row ``i`` re-uses instead of training, or None when it trains its own.
+
+    That is the nearest earlier row that trained a model (not plain fastai) and differs from row
+    ``i`` only in :data:`EVAL_ONLY` settings: TTA, the test size and its BatchNorm recalibration.
+    """
+    change = plan[i][1]
+    if change is None:
         return None
-    trained = {k: v for k, v in change.items() if k != "tta"}
-    for prev_name, prev in plan[:i]:
-        if prev is not None and prev.get("tta", "none") == "none" and prev == {**trained, "tta": "none"}:
-            return prev_name
+    for j in range(i - 1, 0, -1):
+        prev = plan[j][1]
+        if prev is not None and _trained_part(prev) == _trained_part(change) and eval_parent(plan, j) is None:
+            return plan[j][0]
     return None
 
 
 def _reference(plan: Sequence[tuple[str, dict[str, Any] | None]], i: int, one_at_a_time: bool) -> str | None:
-    """The row that row ``i`` is compared with: its TTA parent, the baseline, or the previous trained row."""
+    """The row that row ``i`` is compared with: the row whose model it re-uses, the baseline, or the previous trained row."""
     name = plan[i][0]
     if name in (PLAIN_FASTAI, "baseline"):
         return None
-    parent = _tta_parent(plan, i)
+    parent = eval_parent(plan, i)
     if parent is not None:
         return parent
     if one_at_a_time or name == RECIPE_DEFAULTS:
@@ -692,7 +812,7 @@ def _summarise(
         keys = ["accuracy", "tta_accuracy"] + (["fastai_tta_accuracy"] if "fastai_tta_accuracy" in per_seed[0] else [])
         for key in keys:
             row[key], row[f"{key}_std"] = _mean_std([r[key] for r in per_seed])
-        for key in ("train_s", "eval_s", "fastai_tta_s"):
+        for key in ("train_s", "eval_s", "fastai_tta_s", "test_px"):
             if key in per_seed[0]:
                 row[key] = sum(r[key] for r in per_seed) / len(per_seed)
         ref = _reference(plan, i, one_at_a_time)
@@ -703,9 +823,9 @@ def _summarise(
 
 
 def _previous_trained(plan: Sequence[tuple[str, dict[str, Any] | None]], i: int) -> str:
-    """The nearest earlier row that trained a model of the recipe (not plain fastai, not TTA-only)."""
+    """The nearest earlier row that trained a model of the recipe (not plain fastai, not evaluation-only)."""
     for j in range(i - 1, 0, -1):
-        if plan[j][1] is not None and _tta_parent(plan, j) is None:
+        if plan[j][1] is not None and eval_parent(plan, j) is None:
             return plan[j][0]
     return plan[1][0]
 
@@ -722,7 +842,7 @@ def _write_ablation(rows: list[dict[str, Any]], cfg: RecipeConfig, seeds: int, o
 
     fields = [
         "step", "accuracy", "accuracy_std", "tta_accuracy", "tta_accuracy_std", "delta", "vs_plain", "train_s",
-        "eval_s", "fastai_tta_accuracy", "fastai_tta_accuracy_std", "fastai_tta_s", "per_seed",
+        "eval_s", "fastai_tta_accuracy", "fastai_tta_accuracy_std", "fastai_tta_s", "test_px", "per_seed",
     ]  # fmt: skip
     with open(cfg.out / "ablation.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -748,8 +868,15 @@ def _write_ablation(rows: list[dict[str, Any]], cfg: RecipeConfig, seeds: int, o
     lines += [
         "",
         "Changes are in points of accuracy, against the row each step changes (the baseline when one at a time; "
-        "the model without TTA for a TTA row), averaged over seeds.",
+        "the same model without TTA for a TTA row, at the training size for a test-size row), averaged over seeds.",
     ]
+    sized = [r for r in rows if r.get("test_px") is not None]
+    if sized:
+        lines += [
+            "",
+            "Evaluated at another test size (FixRes, docs/test_size.md; the training size is "
+            f"{cfg.size} px): " + ", ".join(f"{r['step']} at {r['test_px']:g} px" for r in sized) + ".",
+        ]
     tta_row = next((r for r in rows if "fastai_tta_accuracy" in r), None)
     if tta_row is not None:
         lines += [

@@ -107,3 +107,30 @@ def test_no_draft_turns_draft_decoding_off_and_it_is_on_by_default():
     parser = build_parser()
     assert config_from_args(parser.parse_args(["train", "--data", "d"]), "runs/train").draft is True
     assert config_from_args(parser.parse_args(["train", "--data", "d", "--no-draft"]), "runs/train").draft is False
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("auto", "auto"), ("off", "off"), ("36", 36), ("1.15", 1.15), ("1.0", 1.0), (" 2 ", 2)]
+)
+def test_test_size_reads_auto_off_an_int_as_pixels_and_a_float_as_a_factor(text, value):
+    from fastai_tricks.cli import parse_test_size
+
+    parsed = parse_test_size(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("command", ["train", "ablation", "demo"])
+def test_test_size_and_recalibrate_bn_reach_the_config_of_every_command(command):
+    from fastai_tricks.cli import config_from_args
+
+    parser = build_parser()
+    cfg = config_from_args(parser.parse_args([command, "--test-size", "1.0", "--recalibrate-bn", "4"]), "runs/x")
+    assert (cfg.test_size, cfg.recalibrate_bn) == (1.0, 4)
+    default = config_from_args(parser.parse_args([command]), "runs/x")
+    assert (default.test_size, default.recalibrate_bn) == ("off", 0)
+
+
+def test_a_negative_recalibrate_bn_exits_with_code_2():
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["train", "--test-size", "auto", "--recalibrate-bn", "-1"])
+    assert info.value.code == 2

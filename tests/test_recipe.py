@@ -73,9 +73,12 @@ def test_train_on_a_plain_class_folder_uses_a_random_split(tmp_path):
     assert results["config"]["normalize"] == "imagenet"
 
 
-def test_ablation_demo_with_a_tiny_budget_writes_its_table(tmp_path, capsys):
+def test_ablation_with_a_tiny_budget_writes_its_table(tmp_path, capsys):
+    # Every row of the table on 40 generated images at 16 px: the table's layout, not its accuracy, is the point.
+    data = make_fake_imagenette(tmp_path / "data", n_train=3, n_valid=1, size=24, seed=0)
     out = tmp_path / "abl"
-    argv = ["ablation", "--demo", "--epochs", "1", "--size", "32", "--out", str(out)]
+    argv = ["ablation", "--data", str(data), "--arch", "xresnet18", "--epochs", "1", "--size", "16", "--bs", "8"]
+    argv += ["--workers", "0", "--out", str(out)]
     assert main(argv) == 0
     table = (out / "ablation.md").read_text()
     names = [PLAIN_FASTAI, *(name for name, _ in ABLATION_STEPS), RECIPE_DEFAULTS]
@@ -213,8 +216,9 @@ def fake_training(monkeypatch, tmp_path):
     def train_plain_fastai(cfg, path):
         return _FakeLearner(0.6 + 0.01 * cfg.seed), 1.0
 
-    def evaluate(learn, tta):
-        return learn.acc + {"none": 0.0, "four-corner": 0.02, "fastai": 0.01}[tta], 0.5
+    def evaluate(learn, tta, test_size=None):
+        shift = -0.04 if test_size is not None else 0.0  # a larger test size loses, as on the real digits
+        return learn.acc + shift + {"none": 0.0, "four-corner": 0.02, "fastai": 0.01}[tta], 0.5
 
     monkeypatch.setattr(recipe, "train", train)
     monkeypatch.setattr(recipe, "train_plain_fastai", train_plain_fastai)
@@ -311,6 +315,7 @@ def test_a_relative_out_is_resolved_once_against_the_working_directory(tmp_path,
     assert RecipeConfig(out="runs/x").out == tmp_path / "runs" / "x"
 
 
+@pytest.mark.slow
 def test_train_on_real_digits_says_what_it_turned_on_and_why(tmp_path, capsys):
     out = tmp_path / "digits"
     assert main(["train", "--digits", "--epochs", "1", "--tta", "none", "--out", str(out)]) == 0
@@ -320,3 +325,117 @@ def test_train_on_real_digits_says_what_it_turned_on_and_why(tmp_path, capsys):
     assert results["n_train"] + results["n_valid"] == 1797 and results["classes"] == [str(d) for d in range(10)]
     assert results["schedule"] is None and results["config"]["flip"] is False
     assert results["accuracy"] > 0.3  # chance is 0.1; one epoch on real digits
+
+
+# --- test-size resizing (FixRes, issue #22): evaluation only -----------------------------------------
+
+
+def _tiny_train(tmp_path, *extra):
+    data = make_fake_imagenette(tmp_path / "data", n_train=3, n_valid=1, size=24, seed=0)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--arch", "xresnet18", "--size", "16", "--bs", "8", "--workers", "0"]
+    argv += ["--epochs", "1", "--no-progressive", "--tta", "none", "--out", str(out), *extra]
+    assert main(argv) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_train_at_a_test_size_in_pixels_records_it_beside_the_training_size_accuracy(tmp_path, capsys):
+    from fastai.vision.all import load_learner
+
+    from fastai_tricks import TestSize
+
+    out, results = _tiny_train(tmp_path, "--test-size", "20")
+    assert results["test_size"] == {"setting": 20, "px": 20, "auto_found": None, "recalibrate_bn": 0}
+    assert 0.0 <= results["accuracy_test_size"] <= 1.0 and 0.0 <= results["accuracy"] <= 1.0
+    assert results["tricks"]["test size"] == "20 px" and results["config"]["test_size"] == 20
+    assert "test_size" in results["times"]
+    printed = capsys.readouterr().out
+    assert "test size 20 px" in printed and "accuracy at test size 20 px:" in printed
+    # Attached around the evaluation only: the exported learner never carries it.
+    learn = load_learner(out / "export.pkl")
+    assert not any(isinstance(cb, TestSize) for cb in learn.cbs)
+
+
+def test_train_at_the_auto_test_size_says_which_size_it_found(tmp_path, capsys):
+    _, results = _tiny_train(tmp_path, "--test-size", "auto")
+    info = results["test_size"]
+    assert info["setting"] == "auto" and isinstance(info["px"], int) and info["px"] >= 16
+    assert info["auto_found"] and all(isinstance(name, str) for name in info["auto_found"])
+    assert 0.0 <= results["accuracy_test_size"] <= 1.0
+    assert results["tricks"]["test size"] == f"auto ({info['px']} px)"
+    assert f"test size auto ({info['px']} px)" in capsys.readouterr().out
+
+
+def test_train_with_the_test_size_off_records_none(tmp_path, capsys):
+    _, results = _tiny_train(tmp_path, "--test-size", "off")
+    assert results["accuracy_test_size"] is None
+    assert results["test_size"] == {"setting": "off", "px": None, "auto_found": None, "recalibrate_bn": 0}
+    assert "test size off" in capsys.readouterr().out
+    assert RecipeConfig().test_size == "off" and RecipeConfig().tricks()["test size"] == "off"
+
+
+@pytest.mark.parametrize("value", ["big", "0", "-3", "0.0", "nan", "inf", "1.5.2", ""])
+def test_a_bad_test_size_exits_2_with_one_line_naming_the_flag(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--demo", "--test-size", value, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastai-tricks: error: --test-size must be") and repr(value) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_recalibrating_batchnorm_needs_a_test_size(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["ablation", "--demo", "--recalibrate-bn", "4", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "recalibrate_bn needs a test_size" in capsys.readouterr().err
+    cfg = RecipeConfig(test_size=1.0, recalibrate_bn=4)
+    assert cfg.tricks()["test size"] == "1x, BatchNorm recalibrated on 4 batches"
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("small", ValueError), (-1, ValueError), (0.0, ValueError), (True, TypeError), ([32], TypeError)],
+)
+def test_recipe_config_rejects_a_bad_test_size_naming_it(value, error):
+    with pytest.raises(error, match="test_size must be 'off', 'auto'"):
+        RecipeConfig(test_size=value)
+    with pytest.raises(ValueError, match="recalibrate_bn must be >= 0"):
+        RecipeConfig(test_size="auto", recalibrate_bn=-1)
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_the_ablation_plan_has_a_test_size_row_that_reuses_its_parents_model(one_at_a_time, tmp_path):
+    plan = ablation_plan(RecipeConfig(data=tmp_path, out=tmp_path / "out"), one_at_a_time)
+    names = [name for name, _ in plan]
+    row = "baseline + test size" if one_at_a_time else "+ test size"
+    parent = "baseline" if one_at_a_time else "+ label smoothing"
+    i = names.index(row)
+    change = plan[i][1]
+    assert change["test_size"] == "auto" and change["recalibrate_bn"] == 0
+    # It changes the evaluation only: its model is its parent's, which trained its own.
+    assert recipe.eval_parent(plan, i) == parent
+    assert recipe.eval_parent(plan, names.index(parent)) is None
+    assert {k: v for k, v in change.items() if k not in recipe.EVAL_ONLY} == {
+        k: v for k, v in dict(plan)[parent].items() if k not in recipe.EVAL_ONLY
+    }
+    # Every other row is evaluated at the training size, the defaults included.
+    assert [n for n, c in plan if c is not None and c["test_size"] != "off"] == [row]
+    # A test size given to the ablation is the one its row measures.
+    given = ablation_plan(RecipeConfig(data=tmp_path, out=tmp_path, test_size=1.0, recalibrate_bn=3), one_at_a_time)
+    assert dict(given)[row]["test_size"] == 1.0 and dict(given)[row]["recalibrate_bn"] == 3
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_the_test_size_row_trains_nothing_and_is_compared_with_its_parent(fake_training, tmp_path, one_at_a_time):
+    cfg = RecipeConfig(data=tmp_path, epochs=MIN_EPOCHS, out=tmp_path / "out")
+    rows = {r["step"]: r for r in recipe.run_ablation(cfg, one_at_a_time=one_at_a_time)}
+    row = rows["baseline + test size" if one_at_a_time else "+ test size"]
+    parent = rows["baseline" if one_at_a_time else "+ label smoothing"]
+    assert row["train_s"] == 0.0 and "fastai_tta_accuracy" not in row
+    # Its own accuracy is its parent's model at the test size, without TTA: the fake's -0.04 alone.
+    assert row["accuracy"] == pytest.approx(parent["accuracy"] - 0.04)
+    assert row["delta"] == pytest.approx(-0.04)
+    assert row["tta_accuracy"] == pytest.approx(parent["tta_accuracy"] - 0.04)
+    assert len(fake_training) == (6 if one_at_a_time else 5)  # the same trainings as without the row
+    assert all(c.test_size == "off" and c.recalibrate_bn == 0 for c in fake_training)
