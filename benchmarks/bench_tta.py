@@ -5,9 +5,12 @@ then predictions on one validation set are timed for:
 
 * plain ``get_preds``;
 * fastai's ``learn.tta(n=4, beta=0.25)`` (n + 1 = 5 DataLoader passes);
-* ``FourCornerTTA`` with 5 views (four corners and center);
-* ten-crop (``flip=True``);
-* ``learn.four_corner_tta(beta=0.25)`` (5 views plus the plain view, blended like ``learn.tta``).
+* ``FourCornerTTA`` with 5 views (four corners and center): the default ``max_views_per_batch=None``
+  (auto: chosen by device), and each explicit path, all 5 views in one forward (``max_views_per_batch=5``)
+  and one view per forward (``max_views_per_batch=1``);
+* ten-crop (``flip=True``), default;
+* ``learn.four_corner_tta(beta=0.25)`` (5 views plus the plain view, blended like ``learn.tta``), default;
+* the ideal of five views, D + 5·M (below), as a row of its own.
 
 A segmentation part does the same for a small ``unet_learner`` on generated shapes
 (``make_fake_segmentation``): plain, fastai's ``learn.tta``, five-crop, ten-crop and flip-only
@@ -20,10 +23,16 @@ batch transforms) with no model, and **M**, one pass of the model over cached ba
 that shows the model V views of every image, the ideal time is D + V*M. Images decoded per image
 is counted by wrapping ``PIL.Image.open``.
 
+The methods (and D and M) are timed interleaved: each repeat runs every one of them once, in turn,
+so a change in the machine's load hits them all alike; the table gives the median over the repeats.
+On a shared machine, ``--threads 1 --clock cpu`` times this process's CPU time on one thread, which
+other processes disturb least.
+
 Usage::
 
     python benchmarks/bench_tta.py            # full run, a few minutes on a 2-core CPU
     python benchmarks/bench_tta.py --quick    # smaller data and training, under a minute
+    python benchmarks/bench_tta.py --quick --threads 1 --clock cpu   # on a busy machine
     python benchmarks/bench_tta.py --task segmentation   # only the unet part
 """
 
@@ -82,22 +91,25 @@ def _counting_open(*args, **kwargs):
 _CLOCK = [time.perf_counter]
 
 
-def _timed(fn, repeats: int):
-    """Run ``fn`` ``repeats`` times; return (its last result, median seconds, PIL opens per run)."""
-    times, opens, res = [], [], None
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Time every function of ``fns`` once per repeat, in turn; return name -> (last result, median s, opens)."""
+    times: dict = {name: [] for name in fns}
+    opens: dict = {name: [] for name in fns}
+    results: dict = {}
     clock = _CLOCK[0]
     for _ in range(repeats):
-        _OPENS[0] = 0
-        start = clock()
-        res = fn()
-        times.append(clock() - start)
-        opens.append(_OPENS[0])
-    return res, statistics.median(times), statistics.median(opens)
+        for name, fn in fns.items():
+            _OPENS[0] = 0
+            start = clock()
+            results[name] = fn()
+            times[name].append(clock() - start)
+            opens[name].append(_OPENS[0])
+    return {name: (results[name], statistics.median(times[name]), statistics.median(opens[name])) for name in fns}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small data, short training, one repeat")
+    parser.add_argument("--quick", action="store_true", help="small data, short training, 3 repeats")
     parser.add_argument("--arch", choices=["xresnet18", "xresnet34"], default="xresnet18")
     parser.add_argument("--size", type=int, default=64, help="training and validation resolution")
     parser.add_argument("--epochs", type=int, default=None)
@@ -128,10 +140,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _classification(args: argparse.Namespace) -> None:
-    epochs = args.epochs or (2 if args.quick else 5)
-    n_train = args.n_train or (20 if args.quick else 40)
-    n_valid = args.n_valid or (10 if args.quick else 20)
-    repeats = args.repeats or (1 if args.quick else 3)
+    epochs = args.epochs or (1 if args.quick else 5)
+    n_train = args.n_train or (10 if args.quick else 40)
+    n_valid = args.n_valid or (5 if args.quick else 20)
+    repeats = args.repeats or (3 if args.quick else 5)
     torch.manual_seed(args.seed)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_tta_"))
@@ -165,7 +177,8 @@ def _classification(args: argparse.Namespace) -> None:
         f"{torch.get_num_threads()} threads, trained {epochs} epochs in {train_s:.0f} s; median of {repeats} run(s)\n"
     )
     d, m = rows.pop("D"), rows.pop("M")
-    print(f"D (decode + augment, one pass) = {d:.2f} s; M (model, one pass) = {m:.2f} s; M/D = {m / d:.1f}\n")
+    print(f"D (decode + augment, one pass) = {d:.2f} s; M (model, one pass) = {m:.2f} s; M/D = {m / d:.1f}")
+    print(f"max_views_per_batch=None (auto) picked {rows.pop('auto')} here ({args.clock} clock)\n")
     plain_t = rows["plain get_preds"]["time"]
     print("| method | views V | time (s) | time / plain | time / (D + V·M) | decodes per image | accuracy |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -175,28 +188,26 @@ def _classification(args: argparse.Namespace) -> None:
             f"| {name} | {r['views']} | {r['time']:.2f} | {r['time'] / plain_t:.2f} | {r['time'] / ideal:.2f} "
             f"| {r['opens'] / n_img:.2f} | {r['acc']:.4f} |"
         )
+    ideal = d + 5 * m
+    print(f"| ideal of 5 views, D + 5·M | 5 | {ideal:.2f} | {ideal / plain_t:.2f} | 1.00 | 1.00 | |")
 
 
 def _measure(learn: Learner, repeats: int, bs: int) -> dict:
     dl = learn.dls.valid.new(shuffle=False, drop_last=False, bs=bs)
     rows: dict = {}
-
-    def one_pass():
-        return [b for b in dl]
-
-    batches, rows["D"], _ = _timed(one_pass, repeats)
+    batches = [b for b in dl]
     model = learn.model.eval()
-    # Warm up (allocator, oneDNN kernels for both batch shapes) so the first timed method is not penalised.
+    # Warm up (allocator, oneDNN kernels for every batch shape) so the first timed method is not penalised.
     with torch.no_grad(), learn.no_bar():
         model(batches[0][0])
-        learn.get_preds(dl=dl, cbs=FourCornerTTA())
+        for k in (1, 5):
+            learn.get_preds(dl=dl, cbs=FourCornerTTA(max_views_per_batch=k))
+    rows["auto"] = _auto_label(batches[0][0])
 
     def model_pass():
         with torch.no_grad():
             for xb, _ in batches:
                 model(xb)
-
-    _, rows["M"], _ = _timed(model_pass, repeats)
 
     def acc(preds_targs):
         preds, targs = preds_targs
@@ -205,19 +216,38 @@ def _measure(learn: Learner, repeats: int, bs: int) -> dict:
     methods = {
         "plain get_preds": (1, lambda: learn.get_preds(dl=dl)),
         "fastai learn.tta(n=4, beta=0.25)": (5, lambda: learn.tta(dl=dl, n=4, beta=0.25)),
-        "FourCornerTTA, 5 views": (5, lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA())),
-        "FourCornerTTA, 5 views, one view per forward": (
+        "FourCornerTTA, 5 views, default (auto)": (5, lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA())),
+        "FourCornerTTA, 5 views, all in one forward (max_views_per_batch=5)": (
+            5,
+            lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA(max_views_per_batch=5)),
+        ),
+        "FourCornerTTA, 5 views, one view per forward (max_views_per_batch=1)": (
             5,
             lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA(max_views_per_batch=1)),
         ),
-        "FourCornerTTA, ten-crop": (10, lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA(flip=True))),
-        "four_corner_tta(beta=0.25), 5 views + plain": (6, lambda: learn.four_corner_tta(dl=dl, beta=0.25)),
+        "FourCornerTTA, ten-crop, default": (10, lambda: learn.get_preds(dl=dl, cbs=FourCornerTTA(flip=True))),
+        "four_corner_tta(beta=0.25), 5 views + plain, default": (
+            6,
+            lambda: learn.four_corner_tta(dl=dl, beta=0.25),
+        ),
     }
+    fns = {"D": lambda: [b for b in dl], "M": model_pass, **{name: fn for name, (_, fn) in methods.items()}}
     with learn.no_bar():
-        for name, (views, fn) in methods.items():
-            res, t, opens = _timed(fn, repeats)
-            rows[name] = {"views": views, "time": t, "opens": opens, "acc": acc(res)}
+        timed = _interleaved(fns, repeats)
+    rows["D"], rows["M"] = timed["D"][1], timed["M"][1]
+    for name, (views, _) in methods.items():
+        res, t, opens = timed[name]
+        rows[name] = {"views": views, "time": t, "opens": opens, "acc": acc(res)}
     return rows
+
+
+def _auto_label(xb: torch.Tensor) -> str:
+    """What ``max_views_per_batch=None`` picks for five views of ``xb``, in words."""
+    from fastai_tricks.tta_views import _auto_max_views, expand_views
+
+    k = _auto_max_views(expand_views(xb))
+    where = f"{xb.device.type}, batch {tuple(xb.shape)}"
+    return f"all views in one forward ({where})" if k is None or k >= 5 else f"{k} view(s) per forward ({where})"
 
 
 # --- segmentation ----------------------------------------------------------------------------------
@@ -259,16 +289,27 @@ def _seg_scores(preds: torch.Tensor, targs: torch.Tensor) -> tuple[float, float]
 
 def _segmentation(args: argparse.Namespace) -> None:
     seeds = args.seg_seeds or (1 if args.quick else 3)
-    epochs = args.seg_epochs or (2 if args.quick else 8)
+    epochs = args.seg_epochs or (1 if args.quick else 8)
     n_train = args.seg_n_train or (32 if args.quick else 96)
     n_valid = args.seg_n_valid or (16 if args.quick else 32)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 5)
     methods = {
         "plain get_preds": (1, lambda learn, dl: learn.get_preds(dl=dl)),
         "fastai learn.tta(n=4, beta=0.25)": (5, lambda learn, dl: learn.tta(dl=dl, n=4, beta=0.25)),
-        "FourCornerTTA, 5 views": (5, lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA())),
-        "FourCornerTTA, ten-crop": (10, lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA(flip=True))),
-        "FourCornerTTA, flip only": (
+        "FourCornerTTA, 5 views, default (auto)": (5, lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA())),
+        "FourCornerTTA, 5 views, all in one forward (max_views_per_batch=5)": (
+            5,
+            lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA(max_views_per_batch=5)),
+        ),
+        "FourCornerTTA, 5 views, one view per forward (max_views_per_batch=1)": (
+            5,
+            lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA(max_views_per_batch=1)),
+        ),
+        "FourCornerTTA, ten-crop, default": (
+            10,
+            lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA(flip=True)),
+        ),
+        "FourCornerTTA, flip only, default": (
             2,
             lambda learn, dl: learn.get_preds(dl=dl, cbs=FourCornerTTA(crop=None, full=True, flip=True)),
         ),
@@ -302,13 +343,14 @@ def _segmentation(args: argparse.Namespace) -> None:
             PIL.Image.open = _real_open
 
     n_img = len(learn.dls.valid_ds)
-    d, m = timing.pop("D"), timing.pop("M")
+    d, m, auto = timing.pop("D"), timing.pop("M"), timing.pop("auto")
     print(
         f"\nSegmentation: unet_learner(tiny_encoder) at {args.seg_size} px, {n_train} training and {n_img} validation "
         f"images, bs {args.bs}, {torch.get_num_threads()} threads, trained {epochs} epochs ({train_s:.0f} s for the "
         f"last seed); timed ({args.clock} clock) on seed {args.seed}, median of {repeats} run(s)\n"
     )
-    print(f"D (decode + augment, one pass) = {d:.2f} s; M (model, one pass) = {m:.2f} s; M/D = {m / d:.1f}\n")
+    print(f"D (decode + augment, one pass) = {d:.2f} s; M (model, one pass) = {m:.2f} s; M/D = {m / d:.1f}")
+    print(f"max_views_per_batch=None (auto) picked {auto} here\n")
     plain_t = timing["plain get_preds"]["time"]
     print("| method | views V | time (s) | time / plain | time / (D + V·M) | decodes per image |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -318,6 +360,8 @@ def _segmentation(args: argparse.Namespace) -> None:
             f"| {name} | {r['views']} | {r['time']:.2f} | {r['time'] / plain_t:.2f} | {r['time'] / ideal:.2f} "
             f"| {r['opens'] / n_img:.2f} |"
         )
+    ideal = d + 5 * m
+    print(f"| ideal of 5 views, D + 5·M | 5 | {ideal:.2f} | {ideal / plain_t:.2f} | 1.00 | 1.00 |")
     print(f"\nForeground accuracy and Dice (DiceMulti), mean ± std over {seeds} seed(s):\n")
     print(
         "| method | foreground accuracy | Dice |"
@@ -338,22 +382,30 @@ def _mean_std(values: tuple[float, ...]) -> str:
 
 def _measure_seg(learn: Learner, dl, methods: dict, repeats: int) -> dict:
     rows: dict = {}
-    batches, rows["D"], _ = _timed(lambda: [b for b in dl], repeats)
+    batches = [b for b in dl]
     model = learn.model.eval()
     with torch.no_grad(), learn.no_bar():
         model(batches[0][0])
-        learn.get_preds(dl=dl, cbs=FourCornerTTA())
+        for k in (1, 5):
+            learn.get_preds(dl=dl, cbs=FourCornerTTA(max_views_per_batch=k))
+    rows["auto"] = _auto_label(batches[0][0])
 
     def model_pass():
         with torch.no_grad():
             for xb, _ in batches:
                 model(xb)
 
-    _, rows["M"], _ = _timed(model_pass, repeats)
+    fns = {
+        "D": lambda: [b for b in dl],
+        "M": model_pass,
+        **{name: (lambda fn=fn: fn(learn, dl)) for name, (_, fn) in methods.items()},
+    }
     with learn.no_bar():
-        for name, (views, fn) in methods.items():
-            _, t, opens = _timed(lambda fn=fn: fn(learn, dl), repeats)
-            rows[name] = {"views": views, "time": t, "opens": opens}
+        timed = _interleaved(fns, repeats)
+    rows["D"], rows["M"] = timed["D"][1], timed["M"][1]
+    for name, (views, _) in methods.items():
+        _, t, opens = timed[name]
+        rows[name] = {"views": views, "time": t, "opens": opens}
     return rows
 
 

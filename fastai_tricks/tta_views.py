@@ -318,6 +318,30 @@ def _float32_at_most(n: int) -> float:
     return float(high)
 
 
+#: Input pixels (images x height x width) per forward pass up to which ``max_views_per_batch=None``
+#: groups the views of a small batch on a CPU. Measured per image, 1 thread, AMD EPYC: the tiny unet
+#: of ``benchmarks/bench_tta.py`` is fastest at 32k to 65k pixels (8 to 16 images of 64x64 px, 2 to 4
+#: of 128x128) and slower past that (+58% at 64 images of 64x64, +70% at 16 of 128x128); xresnet18
+#: is flat from 65k to 262k pixels at 64 px. Below the budget a forward pays its fixed cost: one
+#: 64x64 image through xresnet18 takes 4.6 times the time per image of a batch of 64.
+_CPU_PIXELS_PER_FORWARD = 2**16
+
+
+def _auto_max_views(views: Sequence[Tensor]) -> int | None:
+    """The ``max_views_per_batch`` that None (auto) picks for these views.
+
+    Off the CPU (CUDA, MPS, ...): None, every view in one forward pass, where a bigger batch
+    fills the accelerator. On the CPU: one view per forward, the batch size the user chose, or
+    for a batch under :data:`_CPU_PIXELS_PER_FORWARD` input pixels as many views as fit in that
+    budget. A batch of 64 (or 16) images of 64x64 px: one view per forward; ``predict``'s one
+    64x64 image: all five views at once.
+    """
+    if views[0].device.type != "cpu":
+        return None
+    pixels = max(v.shape[0] * v.shape[-2] * v.shape[-1] for v in views)
+    return max(1, _CPU_PIXELS_PER_FORWARD // pixels)
+
+
 def _chunk(views: list[Tensor], max_views: int | None) -> list[Tensor]:
     """Concatenate consecutive views of equal shape, at most ``max_views`` at a time, along the batch."""
     chunks: list[list[Tensor]] = []

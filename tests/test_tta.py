@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastai_tricks.tta as tta_module
+import fastai_tricks.tta_views as tta_views_module
 from fastai_tricks.tta import (
     FourCornerTTA,
     _activation_kind,
@@ -371,13 +372,75 @@ class _CountingModel(nn.Module):
 
 
 def test_chunked_views_give_the_same_predictions(tiny_learner):
-    whole, _ = tiny_learner.get_preds(cbs=FourCornerTTA())
+    whole, _ = tiny_learner.get_preds(cbs=FourCornerTTA(max_views_per_batch=5))
     counting = _CountingModel(tiny_learner.model)
     tiny_learner.model = counting
     chunked, _ = tiny_learner.get_preds(cbs=FourCornerTTA(max_views_per_batch=2))
     assert torch.allclose(chunked, whole, atol=1e-6)
     # 20 validation images in batches of 8, 8, 4; five views in chunks of 2, 2 and 1.
     assert counting.batch_sizes == [16, 16, 8, 16, 16, 8, 8, 8, 4]
+
+
+def _views(bs, side, device="cpu", n=5):
+    return [torch.empty(bs, 3, side, side, device=device) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("bs", "side", "expected"),
+    [
+        (64, 64, 1),  # the benchmark's batch: one view per forward, the DataLoader's batch size
+        (16, 64, 1),  # 16 x 64 x 64 = 2**16 pixels: at the budget
+        (8, 64, 2),
+        (1, 64, 16),  # predict's single image: every view in one forward
+        (1, 128, 4),
+        (1, 224, 1),  # over the budget: still at least one view
+    ],
+)
+def test_auto_views_per_forward_on_the_cpu_fill_the_pixel_budget(bs, side, expected):
+    assert tta_views_module._auto_max_views(_views(bs, side)) == expected
+
+
+def test_auto_views_per_forward_off_the_cpu_is_every_view_at_once():
+    # Any device but the CPU (CUDA, MPS); the meta device stands in for one, with no memory.
+    assert tta_views_module._auto_max_views(_views(64, 64, device="meta")) is None
+
+
+def test_auto_budget_counts_the_largest_view():
+    # A full 64x96 view next to 64x64 crops: the budget is counted on the larger one.
+    views = [*_views(4, 64), torch.empty(4, 3, 64, 96)]
+    assert tta_views_module._auto_max_views(views) == 2**16 // (4 * 64 * 96)
+
+
+@pytest.mark.parametrize("kw", [{}, {"flip": True, "full": True}])
+def test_default_fills_the_cpu_budget_and_every_path_gives_the_same_predictions(tiny_learner, monkeypatch, kw):
+    counting = _CountingModel(tiny_learner.model)
+    tiny_learner.model = counting
+    # One batch of 8 images of 16 x 16 px, in memory: nothing to decode.
+    g = torch.Generator().manual_seed(0)
+    ds = list(zip(torch.rand(8, 3, 16, 16, generator=g), torch.randint(0, 2, (8,), generator=g), strict=True))
+    dl = DataLoaders.from_dsets(ds, ds, bs=8, device=torch.device("cpu")).valid
+    n_views = len(FourCornerTTA(**kw).views)
+
+    def preds_and_forwards(budget, **extra):
+        monkeypatch.setattr(tta_views_module, "_CPU_PIXELS_PER_FORWARD", budget)
+        counting.batch_sizes = []
+        preds, _ = tiny_learner.get_preds(dl=dl, cbs=FourCornerTTA(**kw, **extra))
+        return preds, counting.batch_sizes
+
+    def forwards(k):
+        return [8 * min(k, n_views - i) for i in range(0, n_views, k)]
+
+    batch = 8 * 16 * 16
+    one, sizes = preds_and_forwards(batch)  # the batch fills the budget: one view per forward
+    assert sizes == forwards(1)
+    every, sizes = preds_and_forwards(2**20)  # a budget of 512 batches: every view in one forward
+    assert sizes == [8 * n_views]
+    assert torch.allclose(one, every, atol=1e-6)
+    # An explicit value is kept whatever the budget, below it and above it.
+    for budget, k in ((2**20, 1), (batch, 3)):
+        explicit, sizes = preds_and_forwards(budget, max_views_per_batch=k)
+        assert sizes == forwards(k)
+        assert torch.allclose(explicit, every, atol=1e-6)
 
 
 def test_no_effect_at_all_during_training(fake_imagenette):

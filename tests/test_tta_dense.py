@@ -18,6 +18,7 @@ from test_tta import SyncRecorder, _RecordedTTA
 from torch import nn
 
 import fastai_tricks.tta as tta_module
+import fastai_tricks.tta_views as tta_views_module
 from fastai_tricks.tta import (
     FourCornerTTA,
     ViewBox,
@@ -296,6 +297,18 @@ def test_pixelwise_learner_gets_its_plain_prediction_and_untouched_targets(bs, k
     assert preds.shape == plain.shape == (5, 3, 16, 16)
     assert torch.allclose(preds, plain, atol=1e-5)
     assert torch.equal(inp_tta, inp) and torch.equal(targs_tta, targs)
+
+
+@pytest.mark.parametrize("budget", [None, 4 * 16 * 16])
+def test_dense_default_path_gives_what_every_explicit_path_gives(monkeypatch, budget):
+    # None: the tiny batches fit the CPU budget, all views at once; 4 * 16 * 16: one view per forward.
+    if budget is not None:
+        monkeypatch.setattr(tta_views_module, "_CPU_PIXELS_PER_FORWARD", budget)
+    learn = _dense_learner(model=nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)))
+    auto, _ = learn.get_preds(cbs=FourCornerTTA(flip=True))
+    for k in (1, 10):
+        explicit, _ = learn.get_preds(cbs=FourCornerTTA(flip=True, max_views_per_batch=k))
+        assert torch.allclose(explicit, auto, atol=1e-6)
 
 
 def test_callback_matches_a_manual_paste_and_never_modifies_the_batch():
