@@ -36,6 +36,11 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# One torch thread per test process: the tests' models are tiny, so a second thread gains little, and two pytest-xdist
+# workers with two OpenMP threads each on a 2-core machine spin-wait on each other (batches ran 10 to 30 times
+# slower when oversubscribed). TORCH_NUM_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "1")))
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so a test's random draws repeat."""
@@ -104,3 +109,11 @@ def tiny_learner(tiny_dls):
 
     seed_everything(0)
     return Learner(tiny_dls, tiny_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the marker expression deselects anything
+def pytest_collection_modifyitems(config, items):
+    """Every torchrun launch belongs to the slow tier: each costs seconds of process start-up and a gloo group."""
+    for item in items:
+        if item.get_closest_marker("distributed") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)

@@ -29,6 +29,7 @@ def _assert_run_folder(cwd: Path, out: str, printed: str) -> None:
     assert not nested, f"run files nested inside --out: {nested}"
 
 
+@pytest.mark.slow
 def test_demo_is_train_on_generated_data_and_prints_final_accuracy(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a relative --out, as a user types it: runs/demo/runs/demo/metrics.csv was a crash
     assert main(["demo", "--out", "runs/rel", *QUICK]) == 0
@@ -76,6 +77,7 @@ def _console_script() -> str:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["module", "script"])
 def test_version_is_printed_by_the_console_script_and_python_m(launcher, tmp_path):
     cmd = [sys.executable, "-m", "fastai_tricks"] if launcher == "module" else [_console_script()]

@@ -51,6 +51,7 @@ def test_images_have_varied_sizes_and_aspect_ratios(tmp_path):
     assert all(Image.open(f).mode == "RGB" for f in _files(root)[:5])
 
 
+@pytest.mark.slow
 def test_full_size_images_have_imagenettes_full_size_dimensions(tmp_path):
     root = make_fake_imagenette(tmp_path, n_train=10, n_valid=2, full_size=True)
     sizes = [Image.open(f).size for f in _files(root)]

@@ -196,6 +196,7 @@ def _fit(cbs):
     return run
 
 
+@pytest.mark.slow
 def test_window_sets_the_debug_mode_around_each_batch_only():
     debug = FakeDebugMode()
     window = dc.SyncWindow(None, debug, "error")
@@ -225,6 +226,7 @@ def test_warn_mode_counts_and_error_mode_reports_a_planted_sync():
     assert dc.strict_probe(_tiny(1), _fit(list), close_order=dc.CLOSE_IN_FIT, set_debug_mode=debug) == {"ok": True}
 
 
+@pytest.mark.slow
 def test_syncs_part_cuda_branch_with_a_fake_debug_mode():
     cfg = {"bs": 2, "size": 16, "n": 1, "widen": 0.25}
     res = dc.syncs_part(torch.device("cpu"), cfg, dc.Budget(60), "MixUp,FourCornerTTA()", FakeDebugMode())

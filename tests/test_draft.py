@@ -380,6 +380,7 @@ class EpochDecodes(Callback):
         self.per_epoch.append(list(self.spy.sizes))
 
 
+@pytest.mark.slow
 def test_progressive_resize_shrinks_the_decode_epoch_by_epoch_and_leaves_the_loaders_as_they_were(
     large_jpegs, monkeypatch
 ):

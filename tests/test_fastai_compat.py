@@ -21,7 +21,6 @@ import matplotlib
 import pytest
 import torch
 from conftest import seed_everything, tiny_cnn
-from fastai.callback.mixup import CutMix as FastaiCutMix
 from fastai.callback.mixup import MixUp as FastaiMixUp
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner, load_learner
@@ -96,15 +95,14 @@ def test_chapter_normalization_swapped_for_ensure_normalized(chapter_path):
     assert sum(type(t).__name__ == "Normalize" for t in again.train.after_batch.fs) == 1
 
 
+@pytest.mark.slow
 def test_chapter_progressive_resizing_by_swapping_dls_and_with_the_callback(chapter_path):
     # The chapter: fit at 16 px, then learn.dls = get_dls(..., 32) and fine_tune. With ProgressiveResize attached
     # all the way through, each fit resizes its own loaders (the swapped ones too) and learn.dls is never changed.
     seed_everything(0)
     small, full = get_dls(chapter_path, 16, 16), get_dls(chapter_path, 16, 32)
     resize = ProgressiveResize(min_epochs=0)
-    learn = Learner(
-        small, _small_xresnet(small.c), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=resize
-    )
+    learn = Learner(small, _small_xresnet(small.c), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=resize)
     learn.fit_one_cycle(2, 3e-3)
     assert resize.sizes[-1] == (16, 16) and resize.sizes[0] < (16, 16)
     learn.dls = full
@@ -134,6 +132,7 @@ def test_chapter_tta_swapped_for_four_corner_tta(chapter_path):
     assert 0 <= accuracy(preds, targs).item() <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("theirs", "ours"),
     [
@@ -199,14 +198,14 @@ CALLBACKS = {
     "NormalizationCheck": lambda: NormalizationCheck(warn=False),
     "FourCornerTTA": lambda: FourCornerTTA(),
 }
-# The fast tier runs one mix and the resizer both ways; CI's slow tier runs every callback.
-FAST = {"MixUp", "ProgressiveResize"}
+# The fast tier runs one mix attached to the Learner and the resizer passed to fit; the slow tier runs the rest.
+FAST = {("MixUp", "Learner(cbs=)"), ("ProgressiveResize", "fit(cbs=)")}
 
 
 def _params():
     for name in CALLBACKS:
         for attach in ("Learner(cbs=)", "fit(cbs=)"):
-            marks = () if name in FAST else (pytest.mark.slow,)
+            marks = () if (name, attach) in FAST else (pytest.mark.slow,)
             yield pytest.param(name, attach, marks=marks, id=f"{name}-{attach}")
 
 

@@ -116,8 +116,16 @@ VALID_FAULTS = [
     ("before_batch", RuntimeError, "valid"),
     ("after_pred", KeyboardInterrupt, "valid"),
 ]
+# The fast tier runs every fault on "all" (every callback at once) and one fault on each callback alone; the slow
+# tier runs the rest of the matrix.
+_FAST_FAULT = ("before_batch", RuntimeError, "train")
 CASES = [
-    pytest.param(name, *fault, id=f"{name}-{fault[0]}-{fault[1].__name__}-{fault[2]}")
+    pytest.param(
+        name,
+        *fault,
+        id=f"{name}-{fault[0]}-{fault[1].__name__}-{fault[2]}",
+        marks=() if name == "all" or fault == _FAST_FAULT else (pytest.mark.slow,),
+    )
     for name in CONFIGS
     for fault in FAULTS + (VALID_FAULTS if name in ("four_corner_tta", "all") else [])
 ]
@@ -332,6 +340,7 @@ json.dump({
 """
 
 
+@pytest.mark.slow
 def test_export_then_load_learner_in_a_fresh_process_predicts_without_mixing_or_resizing(fault_data, tmp_path):
     cbs = _all_training_cbs()
     learn = make_learner(fault_data, cbs)

@@ -178,7 +178,13 @@ TRAINING_CALLBACKS = {
 }
 
 
-@pytest.mark.parametrize("name", list(TRAINING_CALLBACKS))
+# The fast tier counts a blend, a box mix and the resizer; the slow tier every callback and option.
+_FAST_TRAINING = {"MixUp", "CutMix", "ProgressiveResize"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n in _FAST_TRAINING else pytest.mark.slow) for n in TRAINING_CALLBACKS]
+)
 def test_training_callback_adds_no_host_sync_per_batch(name):
     # One epoch has n training and n validation batches; the epoch schedule needs two epochs to resize.
     epochs = 2 if "epoch schedule" in name else 1
@@ -188,6 +194,7 @@ def test_training_callback_adds_no_host_sync_per_batch(name):
     assert added_syncs_per_batch(run_with, run_without) == 0
 
 
+@pytest.mark.slow
 def test_label_smoothing_loss_adds_no_host_sync_per_batch_over_fastais():
     # Against fastai's own label-smoothing loss, the one it replaces (both are plain modules, no BaseLoss).
     ours = _fit(list, loss_func=LabelSmoothingCE())
@@ -269,14 +276,24 @@ PLAIN = {
 }
 
 
-@pytest.mark.parametrize("name", list(TTA_CALLS))
+_FAST_TTA = {"FourCornerTTA", "four_corner_tta"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in _FAST_TTA else pytest.mark.slow) for n in TTA_CALLS])
 def test_tta_adds_no_host_sync_per_batch(name):
     plain = PLAIN.get(name, lambda learn: learn.get_preds())
     assert added_syncs_per_batch(_predict(TTA_CALLS[name]), _predict(plain)) == 0
 
 
 @pytest.mark.parametrize(
-    "name", ["FourCornerTTA", "four_corner_tta", "four_corner_tta beta=None", "four_corner_tta use_max"]
+    "name",
+    [
+        "FourCornerTTA",
+        *(
+            pytest.param(n, marks=pytest.mark.slow)
+            for n in ("four_corner_tta", "four_corner_tta beta=None", "four_corner_tta use_max")
+        ),
+    ],
 )
 def test_dense_tta_adds_no_host_sync_per_batch(name):
     plain = _predict(lambda learn: learn.get_preds(), dense=True)

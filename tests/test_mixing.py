@@ -286,6 +286,7 @@ def test_integer_targets_with_a_loss_without_y_int_raise_and_name_the_fix(dls):
     quiet_fit(learn)  # the learner is still usable
 
 
+@pytest.mark.slow
 def test_odd_batch_size_fits_every_variant(fake_imagenette):
     odd = make_tiny_dls(fake_imagenette, bs=5)
     for name, make in VARIANTS.items():

@@ -528,6 +528,7 @@ def test_the_callback_is_silent_on_a_normalized_learner_and_skips_prediction(tin
     assert cb.report is not None and cb.report.problems == ()
 
 
+@pytest.mark.slow
 def test_the_callback_does_not_change_a_seeded_training_run(fake_imagenette):
     from fastai.vision.all import aug_transforms
 

@@ -59,6 +59,7 @@ def test_train_demo_writes_every_output_and_beats_chance(tmp_path, capsys):
     assert probs.shape == (10,)
 
 
+@pytest.mark.slow
 def test_train_on_a_plain_class_folder_uses_a_random_split(tmp_path):
     data = _flat_class_folder(tmp_path)
     out = tmp_path / "run"
@@ -73,6 +74,7 @@ def test_train_on_a_plain_class_folder_uses_a_random_split(tmp_path):
     assert results["config"]["normalize"] == "imagenet"
 
 
+@pytest.mark.slow
 def test_ablation_with_a_tiny_budget_writes_its_table(tmp_path, capsys):
     # Every row of the table on 40 generated images at 16 px: the table's layout, not its accuracy, is the point.
     data = make_fake_imagenette(tmp_path / "data", n_train=3, n_valid=1, size=24, seed=0)
@@ -118,6 +120,7 @@ def test_named_validation_folder_that_does_not_exist_exits_2(tmp_path, capsys):
     assert "no validation folder 'holdout'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_named_validation_folder_splits_the_data_by_folder(tmp_path):
     data = make_fake_imagenette(tmp_path / "d", n_train=2, n_valid=1, size=24)
     (data / "val").rename(data / "holdout")
@@ -356,6 +359,7 @@ def test_train_at_a_test_size_in_pixels_records_it_beside_the_training_size_accu
     assert not any(isinstance(cb, TestSize) for cb in learn.cbs)
 
 
+@pytest.mark.slow
 def test_train_at_the_auto_test_size_says_which_size_it_found(tmp_path, capsys):
     _, results = _tiny_train(tmp_path, "--test-size", "auto")
     info = results["test_size"]
@@ -366,6 +370,7 @@ def test_train_at_the_auto_test_size_says_which_size_it_found(tmp_path, capsys):
     assert f"test size auto ({info['px']} px)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_with_the_test_size_off_records_none(tmp_path, capsys):
     _, results = _tiny_train(tmp_path, "--test-size", "off")
     assert results["accuracy_test_size"] is None

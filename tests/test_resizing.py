@@ -207,6 +207,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["batch", "epoch"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_training_batch_has_the_scheduled_size_and_validation_is_full_size(fake_imagenette, case, schedule):
@@ -247,6 +248,7 @@ def test_resize_items_shrinks_the_item_resize_in_epoch_schedule(fake_imagenette,
     assert learn.dls.train.after_item.resize.size == (32, 32)
 
 
+@pytest.mark.slow
 def test_a_no_op_schedule_trains_exactly_like_no_callback(fake_imagenette):
     """The per-fit loader copy shuffles and augments exactly like the learner's own loader."""
     losses = []
@@ -257,6 +259,7 @@ def test_a_no_op_schedule_trains_exactly_like_no_callback(fake_imagenette):
     assert torch.stack(losses[0]).allclose(torch.stack(losses[1]))
 
 
+@pytest.mark.slow
 def test_each_of_fine_tunes_two_fits_runs_its_own_schedule(fake_imagenette):
     learn = _learner(fake_imagenette, **CASES["aug_transforms"])
     spy, pr = Spy(), ProgressiveResize(min_epochs=0, start=0.0, finish=1.0)
@@ -270,6 +273,7 @@ def test_each_of_fine_tunes_two_fits_runs_its_own_schedule(fake_imagenette):
     assert set(spy.valid) == {(32, 32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt, CancelFitException])
 @pytest.mark.parametrize("attached", [True, False])
 def test_after_an_exception_mid_fit_validate_and_predict_use_full_size(fake_imagenette, tmp_path, exc, attached):
@@ -317,6 +321,7 @@ def test_an_interrupt_while_the_first_batch_loads_leaves_learn_dl_on_the_learner
     learn.export(tmp_path / "export.pkl")
 
 
+@pytest.mark.slow
 def test_resize_valid_validates_at_the_current_training_size(fake_imagenette):
     learn = _learner(fake_imagenette, size=32)
     spy, pr = Spy(), ProgressiveResize(min_epochs=0, resize_valid=True, schedule="epoch")
@@ -405,6 +410,7 @@ def test_the_callback_is_reachable_from_the_learner(fake_imagenette):
     assert isinstance(learn.progressive_resize, ProgressiveResize)
 
 
+@pytest.mark.slow
 def test_mixing_callbacks_attached_with_progressive_resize_get_alpha_growing_with_size(fake_imagenette):
     from fastai_tricks.mixing import CutMix, MixUp
 
@@ -459,6 +465,7 @@ def test_min_epochs_must_be_a_non_negative_int(bad):
         ProgressiveResize(min_epochs=bad)
 
 
+@pytest.mark.slow
 def test_a_fit_shorter_than_min_epochs_trains_at_full_size_and_says_why(fake_imagenette):
     learn = _learner(fake_imagenette, **CASES["aug_transforms"])
     spy, pr = Spy(), ProgressiveResize(min_epochs=3)
@@ -598,3 +605,35 @@ def test_lr_find_keeps_the_previous_training_fits_record_and_the_next_fit_replac
     assert pr.sizes == one_epoch  # ...and left the training fit's record alone
     _fit(learn, 2, [], method="fit_one_cycle")
     assert pr.sizes == resize_schedule(2, len(learn.dls.train), 32)  # a training fit starts a new record
+
+
+@pytest.mark.parametrize("bs", [2, 8])
+def test_the_budget_guard_counts_epochs_whatever_the_number_of_steps(fake_imagenette, bs):
+    """Issue 21: the loss followed epochs, not optimizer steps; 4x the steps per epoch does not pass the guard."""
+    learn = _learner(fake_imagenette, bs=bs, **CASES["aug_transforms"])
+    spy, pr = Spy(), ProgressiveResize(min_epochs=3)
+    with pytest.warns(UserWarning, match=r"2-epoch fit is shorter than min_epochs=3.*counted in epochs"):
+        _fit(learn, 2, [pr, spy])
+    assert set(spy.train) == {(32, 32)} and pr.sizes == []
+    spy.train.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(learn, 3, [pr, spy])
+    assert not [w for w in caught if "min_epochs" in str(w.message)]
+    assert spy.train[0] == (16, 16) and spy.train[-1] == (32, 32)
+
+
+def test_the_two_batch_sizes_of_the_guard_test_really_differ_in_steps(fake_imagenette):
+    small = _learner(fake_imagenette, bs=2, **CASES["aug_transforms"])
+    large = _learner(fake_imagenette, bs=8, **CASES["aug_transforms"])
+    assert len(small.dls.train) >= 2 * len(large.dls.train)
+
+
+def test_schedule_pays_off_takes_epochs_only():
+    import inspect
+
+    from fastai_tricks import resizing
+
+    assert list(inspect.signature(resizing.schedule_pays_off).parameters) == ["n_epoch", "min_epochs"]
+    doc = inspect.getdoc(resizing.schedule_pays_off)
+    assert "not in optimizer steps" in doc and "too few steps left" not in doc
