@@ -81,8 +81,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -100,7 +99,6 @@ from fastai.learner import Learner  # noqa: E402
 from fastai.losses import CrossEntropyLossFlat  # noqa: E402
 from fastai.torch_core import TensorCategory, TensorImage, TensorMask  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 SCHEMA = "fastai_tricks.device_check/1"
 PARTS = ("syncs", "mix", "resize", "tta")
@@ -440,78 +438,8 @@ def seed_everything(seed: int) -> None:
 
 # --- syncs: the counters ---------------------------------------------------------------------------
 
-aten = torch.ops.aten
-# Ops that read a device value on the host, whatever their arguments.
-_READS_DEVICE = {
-    aten._local_scalar_dense.default,
-    aten.nonzero.default,
-    aten.masked_select.default,
-    aten.is_nonzero.default,
-}
-# Ops that sync when one of their index tensors is a boolean mask (its count of True decides the shape).
-_MASK_INDEXED = {aten.index, aten.index_put, aten.index_put_}
-_HOST_COPIES = ("cpu", "tolist", "numpy", "to")
-
-
-def _has_mask(indices: object) -> bool:
-    return isinstance(indices, (list, tuple)) and any(
-        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices
-    )
-
-
-def _names_a_device(args: tuple, kwargs: dict) -> bool:
-    """Whether a ``Tensor.to`` call moves memory to a device, as opposed to a dtype-only cast."""
-    if "device" in kwargs:
-        return True
-    return any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args)
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Count, while :attr:`active`, the ops and tensor methods that synchronise the host with the device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-        self.active = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.active:
-            if func in _READS_DEVICE:
-                self.counts[str(func.overloadpacket.__name__)] += 1
-            elif func.overloadpacket in _MASK_INDEXED and _has_mask(args[1] if len(args) > 1 else None):
-                self.counts["boolean indexing"] += 1
-        return func(*args, **kwargs)
-
-    @property
-    def total(self) -> int:
-        """All syncs counted so far."""
-        return sum(self.counts.values())
-
-
-@contextlib.contextmanager
-def counting_host_syncs(counter: HostSyncCounter) -> Iterator[HostSyncCounter]:
-    """Run the block under ``counter``, with the host-copy methods of ``torch.Tensor`` wrapped to count too."""
-    originals = {name: getattr(torch.Tensor, name) for name in _HOST_COPIES}
-
-    def wrap(name: str) -> Callable:
-        original = originals[name]
-
-        def counted(self, *args, **kwargs):
-            if counter.active and (name != "to" or _names_a_device(args, kwargs)):
-                counter.counts[f"Tensor.{name}"] += 1
-            return original(self, *args, **kwargs)
-
-        return counted
-
-    try:
-        for name in originals:
-            setattr(torch.Tensor, name, wrap(name))
-        with counter:
-            yield counter
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+# The counter lives in the package (fastai_tricks.host_syncs), shared with tests/test_host_syncs.py.
+from fastai_tricks.host_syncs import HostSyncCounter, counting_host_syncs  # noqa: E402
 
 
 def _is_sync_warning(w: warnings.WarningMessage) -> bool:
@@ -605,7 +533,7 @@ def sync_probe(
         (where the first warning came from) and ``windows`` (the batches watched).
 
     """
-    counter = HostSyncCounter()
+    counter = HostSyncCounter(active=False)
     window = SyncWindow(counter, set_debug_mode, mode)
     cbs = [OpenSyncWindow(window), CloseSyncWindow(window, close_order)]
     learn.add_cbs(cbs)

@@ -1,11 +1,10 @@
 """No callback of the package adds a device-to-host synchronisation per batch.
 
 A sync stalls the host until the GPU has caught up, so one per batch costs throughput on every step. They
-can be counted on the CPU: a ``TorchDispatchMode`` sees every aten op, among them the ones that must read a
-device value on the host (``_local_scalar_dense`` behind ``.item()``, ``bool()`` and ``int()``,
-``nonzero``, ``masked_select``, and indexing with a boolean mask). Copies between host and device reach no
-aten op on the CPU, so ``Tensor.cpu``, ``Tensor.tolist``, ``Tensor.numpy`` and ``Tensor.to`` with a device
-are wrapped and counted too.
+are counted on the CPU with :func:`fastai_tricks.host_syncs.counting_host_syncs`: a ``TorchDispatchMode`` that
+sees the aten ops reading a device value on the host (``_local_scalar_dense`` behind ``.item()``, ``bool()``
+and ``int()``, ``nonzero``, ``masked_select``, boolean indexing), plus wrapped ``Tensor.cpu``, ``.tolist``,
+``.numpy`` and ``.to(device)``, which reach no aten op on the CPU.
 
 Each check fits (or predicts) twice, with ``n`` and ``2n`` batches in training and in validation, with the
 callback and without it. The syncs added per batch are the difference of the two slopes; they must be 0.
@@ -15,8 +14,7 @@ Syncs made once per fit (a first-batch check) cancel out in a slope, per-batch o
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,7 +25,6 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropy
 from fastai.torch_core import TensorCategory, TensorImage, TensorMask
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastai_tricks import (
     CutMix,
@@ -41,76 +38,7 @@ from fastai_tricks import (
     RandomMix,
     ResizeMix,
 )
-
-aten = torch.ops.aten
-# Ops that read a device value on the host, whatever their arguments.
-_READS_DEVICE = {
-    aten._local_scalar_dense.default,
-    aten.nonzero.default,
-    aten.masked_select.default,
-    aten.is_nonzero.default,
-}
-# Ops that sync when one of their index tensors is a boolean mask (its count of True decides the shape).
-_MASK_INDEXED = {aten.index, aten.index_put, aten.index_put_}
-
-
-def _has_mask(indices: object) -> bool:
-    return isinstance(indices, (list, tuple)) and any(
-        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices
-    )
-
-
-def _names_a_device(args: tuple, kwargs: dict) -> bool:
-    """Whether a ``Tensor.to`` call moves memory to a device, as opposed to a dtype-only cast."""
-    if "device" in kwargs:
-        return True
-    return any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args)
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Count the ops and tensor methods that synchronise the host with the device, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _READS_DEVICE:
-            self.counts[str(func.overloadpacket.__name__)] += 1
-        elif func.overloadpacket in _MASK_INDEXED and _has_mask(args[1] if len(args) > 1 else None):
-            self.counts["boolean indexing"] += 1
-        return func(*args, **kwargs)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-@contextmanager
-def counting_host_syncs() -> Iterator[HostSyncCounter]:
-    """Count host syncs inside the block: the dispatch mode plus the wrapped host-copy methods."""
-    counter = HostSyncCounter()
-    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist", "numpy", "to")}
-
-    def wrap(name: str) -> Callable:
-        original = originals[name]
-
-        def counted(self, *args, **kwargs):
-            if name != "to" or _names_a_device(args, kwargs):
-                counter.counts[f"Tensor.{name}"] += 1
-            return original(self, *args, **kwargs)
-
-        return counted
-
-    try:
-        for name in originals:
-            setattr(torch.Tensor, name, wrap(name))
-        with counter:
-            yield counter
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+from fastai_tricks.host_syncs import counting_host_syncs
 
 
 def _image_learner(n_batches: int, *, bs: int = 4, size: int = 16, model: nn.Module | None = None, **kwargs) -> Learner:
