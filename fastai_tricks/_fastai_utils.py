@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ReleaseOnDetach", "is_gathering_preds", "is_lr_finding", "is_training_batch"]
+__all__ = [
+    "ReleaseOnDetach",
+    "batch_size_fixers",
+    "is_gathering_preds",
+    "is_lr_finding",
+    "is_training_batch",
+    "item_size_fixers",
+]
 
 
 def is_lr_finding(learn: Any) -> bool:
@@ -45,3 +52,22 @@ class ReleaseOnDetach:
 
     def _release(self) -> None:
         """Undo per-fit changes and drop per-fit state; subclasses override."""
+
+
+def batch_size_fixers(pipeline: Any) -> list[Any]:
+    """List the batch transforms with a fixed output size: RandomResizedCropGPU, or an affine one with a size."""
+    from fastai.vision.augment import AffineCoordTfm, RandomResizedCropGPU
+
+    return [
+        t
+        for t in getattr(pipeline, "fs", [])
+        if isinstance(t, RandomResizedCropGPU)
+        or (isinstance(t, AffineCoordTfm) and getattr(t, "size", None) is not None)
+    ]
+
+
+def item_size_fixers(pipeline: Any) -> list[Any]:
+    """List the item transforms that fix the size: fastai's Resize and RandomResizedCrop (their size is (w, h))."""
+    from fastai.vision.augment import RandomResizedCrop, Resize
+
+    return [t for t in getattr(pipeline, "fs", []) if isinstance(t, (Resize, RandomResizedCrop))]

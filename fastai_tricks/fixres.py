@@ -40,7 +40,7 @@ from ._checks import (
     check_positive,
     check_positive_int,
 )
-from ._fastai_utils import ReleaseOnDetach, is_lr_finding
+from ._fastai_utils import ReleaseOnDetach, batch_size_fixers, is_lr_finding, item_size_fixers
 
 __all__ = [
     "TestSize",
@@ -378,25 +378,6 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches:
 # --- fastai plumbing ---------------------------------------------------------------------------------
 
 
-def _batch_fixers(pipeline: Any) -> list[Any]:
-    """The batch transforms with a fixed output size: ``RandomResizedCropGPU``, or an affine one with a size."""
-    from fastai.vision.augment import AffineCoordTfm, RandomResizedCropGPU
-
-    return [
-        t
-        for t in getattr(pipeline, "fs", [])
-        if isinstance(t, RandomResizedCropGPU)
-        or (isinstance(t, AffineCoordTfm) and getattr(t, "size", None) is not None)
-    ]
-
-
-def _item_fixers(pipeline: Any) -> list[Any]:
-    """The item transforms that fix the size: fastai's ``Resize`` and ``RandomResizedCrop`` (size is (w, h))."""
-    from fastai.vision.augment import RandomResizedCrop, Resize
-
-    return [t for t in getattr(pipeline, "fs", []) if isinstance(t, (Resize, RandomResizedCrop))]
-
-
 def _hw(size: Any) -> Size:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -410,10 +391,10 @@ def _is_plain_tfmd_dl(dl: Any) -> bool:
 
 def _loader_size(dl: Any) -> Size | None:
     """The ``(height, width)`` the loader's size-fixing transforms produce: the last batch one, else the last item one."""
-    batch = _batch_fixers(dl.after_batch)
+    batch = batch_size_fixers(dl.after_batch)
     if batch:
         return _hw(batch[-1].size)
-    item = _item_fixers(dl.after_item)
+    item = item_size_fixers(dl.after_item)
     if item:
         return _hw(item[-1].size)[::-1]  # fastai's item sizes are (width, height)
     return None
@@ -434,7 +415,7 @@ def _sized_copy(dl: Any, plain: Size, size: Size) -> Any:
     fake.d, fake.default, fake.dataset = clone, clone, fake
     clone.fake_l = fake
     scale = (size[0] / plain[0], size[1] / plain[1])
-    for name, fixers in (("after_batch", _batch_fixers), ("after_item", _item_fixers)):
+    for name, fixers in (("after_batch", batch_size_fixers), ("after_item", item_size_fixers)):
         pipeline = getattr(dl, name)
         targets = {id(t): copy.copy(t) for t in fixers(pipeline)}
         for original in fixers(pipeline):
@@ -518,7 +499,7 @@ def _read_training_pipeline(train_dl: Any) -> _Auto | None:
     items = list(getattr(getattr(train_dl, "after_item", None), "fs", []))
     batch = list(getattr(getattr(train_dl, "after_batch", None), "fs", []))
     magnification, val_xtra, valid_scale, found = 1.0, 0.0, 1.0, []
-    has_batch_fixer = bool(_batch_fixers(getattr(train_dl, "after_batch", None)))
+    has_batch_fixer = bool(batch_size_fixers(getattr(train_dl, "after_batch", None)))
     for t in items:
         if isinstance(t, RandomResizedCrop) and getattr(t, "p", 1.0) == 1.0:
             magnification *= crop_magnification(t.min_scale, t.max_scale, tuple(t.ratio))

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 
 from ._checks import check_choice, check_fraction, check_non_negative_int, check_positive, check_positive_int
-from ._fastai_utils import ReleaseOnDetach, is_gathering_preds, is_lr_finding
+from ._fastai_utils import (
+    ReleaseOnDetach,
+    batch_size_fixers,
+    is_gathering_preds,
+    is_lr_finding,
+    item_size_fixers,
+)
 
 __all__ = [
     "MIN_EPOCHS",
@@ -301,25 +307,6 @@ def _resize_target(y: Any, x_hw: tuple[int, int], size: Size, mode: str) -> Any:
 # --- fastai plumbing -----------------------------------------------------------------------------------
 
 
-def _batch_size_fixers(pipeline: Any) -> list[Any]:
-    """List the batch transforms with a fixed output size: RandomResizedCropGPU, or an affine one with a size."""
-    from fastai.vision.augment import AffineCoordTfm, RandomResizedCropGPU
-
-    return [
-        t
-        for t in getattr(pipeline, "fs", [])
-        if isinstance(t, RandomResizedCropGPU)
-        or (isinstance(t, AffineCoordTfm) and getattr(t, "size", None) is not None)
-    ]
-
-
-def _item_size_fixers(pipeline: Any) -> list[Any]:
-    """List the item transforms that fix the size: fastai's Resize and RandomResizedCrop (their size is (w, h))."""
-    from fastai.vision.augment import RandomResizedCrop, Resize
-
-    return [t for t in getattr(pipeline, "fs", []) if isinstance(t, (Resize, RandomResizedCrop))]
-
-
 def _tfm_size(t: Any) -> Size:
     s = t.size
     return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
@@ -354,9 +341,9 @@ def _clone_loader(dl: Any, batch: bool, item: bool) -> tuple[Any, list[Any], lis
     batch_tfms: list[Any] = []
     item_tfms: list[Any] = []
     if batch:
-        clone.after_batch, batch_tfms = _copy_pipeline(dl.after_batch, _batch_size_fixers(dl.after_batch))
+        clone.after_batch, batch_tfms = _copy_pipeline(dl.after_batch, batch_size_fixers(dl.after_batch))
     if item:
-        clone.after_item, item_tfms = _copy_pipeline(dl.after_item, _item_size_fixers(dl.after_item))
+        clone.after_item, item_tfms = _copy_pipeline(dl.after_item, item_size_fixers(dl.after_item))
     return clone, batch_tfms, item_tfms
 
 
@@ -586,8 +573,8 @@ class ProgressiveResize(ReleaseOnDetach, Callback):
             )
         dl = self.learn.dl
         if _is_plain_tfmd_dl(dl):
-            batch = bool(_batch_size_fixers(dl.after_batch))
-            item = self.resize_items and bool(_item_size_fixers(dl.after_item))
+            batch = bool(batch_size_fixers(dl.after_batch))
+            item = self.resize_items and bool(item_size_fixers(dl.after_item))
             if batch or item:
                 self._clone, self._batch_tfms, self._item_tfms = _clone_loader(dl, batch, item)
                 self._item_base = [_tfm_size(t)[::-1] for t in self._item_tfms]  # (w, h) -> (h, w)
