@@ -157,21 +157,7 @@ class MixCallback(ReleaseOnDetach, Callback):
             ended tied within noise, mixed minus unmixed +0.0 ± 0.0 points for
             MixUp and +1.2 ± 1.6 for CutMix. A tie keeps fastai's behaviour.
 
-    Attributes:
-        lam: λ of the last training batch, per sample: a float32 tensor of shape
-            ``(B,)`` on the batch's device, the weight of each sample's own image
-            and target. Variants with one λ per batch (CutMix and FMix without
-            ``per_sample``, ResizeMix, ManifoldMix) repeat it B times. A training
-            batch left unmixed (``p``, ``off_pct``, a batch of one) has λ = 1.
-            None before the first training batch. A record: kept through
-            ``validate``, ``get_preds``, ``predict``, TTA and detaching, replaced
-            by the next training batch (``lr_find``'s too when it mixes them).
-        yb1: The partner targets of the last training batch, a tuple like
-            ``learn.yb`` (the targets before mixing, in partner order), or None.
-            Computed when read. It holds a batch of targets (whole masks for
-            segmentation), so it is dropped when the fit ends and when the
-            callback is detached: read it during the fit, e.g. in a callback's
-            ``after_loss`` or ``after_batch``.
+    The names fastai's mixing callbacks expose are here too: :attr:`lam` and :attr:`yb1`.
 
     Note:
         Only the first input ``learn.xb[0]`` is mixed. Validation, ``get_preds``,
@@ -225,12 +211,24 @@ class MixCallback(ReleaseOnDetach, Callback):
 
     @property
     def lam(self) -> Tensor | None:
-        """λ of the last training batch, ``(B,)`` on its device (see the class docstring); None before one."""
+        """λ of the last training batch, per sample: a float32 tensor ``(B,)`` on the batch's device.
+
+        It is the weight of each sample's own image and target. Variants with one λ per batch (CutMix and
+        FMix without ``per_sample``, ResizeMix, ManifoldMix) repeat it B times. A training batch left unmixed
+        (``p``, ``off_pct``, a batch of one) has λ = 1. None before the first training batch. A record: kept
+        through ``validate``, ``get_preds``, ``predict``, TTA and detaching, replaced by the next training
+        batch (``lr_find``'s too when it mixes them).
+        """
         return self.__dict__.get("_lam")
 
     @property
     def yb1(self) -> tuple[Any, ...] | None:
-        """The partner targets of the last training batch of this fit, a tuple like ``learn.yb``; None if none."""
+        """The partner targets of the last training batch of this fit, a tuple like ``learn.yb``; None if none.
+
+        The targets before mixing, in partner order, computed when read. It holds a batch of targets (whole
+        masks for segmentation), so it is dropped when the fit ends and when the callback is detached: read it
+        during the fit, e.g. in a callback's ``after_loss`` or ``after_batch``.
+        """
         partners = self.__dict__.get("_partners")
         if partners is None:
             return None
