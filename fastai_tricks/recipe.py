@@ -469,11 +469,9 @@ def evaluate(learn: Any, tta: str, test_size: Any = None) -> tuple[float, float]
         elif tta == "fastai":
             preds, targs = learn.tta(ds_idx=1)
         else:
-            # On a CPU, batches of one view at a time run faster than one batch of all views (benchmarks page).
             # The views' merged prediction alone (four_corner_tta's aug_preds), unblended, as the recipe has always
-            # measured it, with no plain view to run.
-            on_cpu = next(learn.model.parameters()).device.type == "cpu"
-            cb = FourCornerTTA(flip=tta == "ten-crop", max_views_per_batch=1 if on_cpu else None)
+            # measured it, with no plain view to run. The callback picks views per forward for the device itself.
+            cb = FourCornerTTA(flip=tta == "ten-crop")
             preds, targs = learn.get_preds(ds_idx=1, cbs=cb)
     return _accuracy(preds, targs), time.perf_counter() - start
 

@@ -78,6 +78,23 @@ def make_tiny_dls(path, size: int = 32, bs: int = 8, **kwargs):
     return ImageDataLoaders.from_folder(path, valid="val", bs=bs, num_workers=0, seed=0, **kwargs)
 
 
+def make_segmentation_dls(path, bs: int = 4):
+    """SegmentationDataLoaders over a ``make_fake_segmentation`` folder (laid out like CamVid), and its codes."""
+    from fastai.vision.all import SegmentationDataLoaders, get_image_files
+
+    codes = (path / "codes.txt").read_text().split()
+    dls = SegmentationDataLoaders.from_label_func(
+        path,
+        get_image_files(path / "images"),
+        lambda f: path / "labels" / f"{f.stem}_P{f.suffix}",
+        codes=codes,
+        bs=bs,
+        num_workers=0,
+        seed=0,
+    )
+    return dls, codes
+
+
 def tiny_cnn(n_in: int = 3, n_out: int = 10) -> torch.nn.Module:
     """A very small CNN, fast enough to fit an epoch in a fraction of a second."""
     from torch import nn

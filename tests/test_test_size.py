@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_dls, seed_everything, tiny_cnn
+from conftest import make_segmentation_dls, make_tiny_dls, seed_everything, tiny_cnn
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -396,21 +396,11 @@ def test_dense_output_is_refused(tiny_dls):
 
 
 def test_segmentation_masks_are_refused(tmp_path):
-    from fastai.vision.all import CrossEntropyLossFlat, Learner, SegmentationDataLoaders, get_image_files
+    from fastai.vision.all import CrossEntropyLossFlat, Learner
 
     from fastai_tricks import make_fake_segmentation
 
-    path = make_fake_segmentation(tmp_path, n_train=4, n_valid=4, size=32, seed=0)
-    codes = (path / "codes.txt").read_text().split()
-    dls = SegmentationDataLoaders.from_label_func(
-        path,
-        get_image_files(path / "images"),
-        lambda f: path / "labels" / f"{f.stem}_P{f.suffix}",
-        codes=codes,
-        bs=4,
-        num_workers=0,
-        seed=0,
-    )
+    dls, codes = make_segmentation_dls(make_fake_segmentation(tmp_path, n_train=4, n_valid=4, size=32, seed=0))
     learn = Learner(dls, nn.Conv2d(3, len(codes), 1), loss_func=CrossEntropyLossFlat(axis=1))
     with learn.no_bar(), learn.no_logging(), pytest.raises(ValueError, match="dense targets"):
         learn.validate(cbs=TestSize(1.25))

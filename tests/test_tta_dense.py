@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import seed_everything
+from conftest import make_segmentation_dls, seed_everything
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
@@ -414,20 +414,10 @@ def _tiny_encoder(pretrained=False):
 
 
 def test_unet_learner_validates_and_predicts_with_dense_tta(fake_segmentation):
-    from fastai.vision.all import DiceMulti, SegmentationDataLoaders, foreground_acc, get_image_files, unet_learner
+    from fastai.vision.all import DiceMulti, foreground_acc, unet_learner
 
-    path = fake_segmentation
-    codes = (path / "codes.txt").read_text().split()
     seed_everything(0)
-    dls = SegmentationDataLoaders.from_label_func(
-        path,
-        get_image_files(path / "images"),
-        lambda f: path / "labels" / f"{f.stem}_P{f.suffix}",
-        codes=codes,
-        bs=4,
-        num_workers=0,
-        seed=0,
-    )
+    dls, codes = make_segmentation_dls(fake_segmentation)
     learn = unet_learner(dls, _tiny_encoder, pretrained=False, n_out=len(codes), metrics=[DiceMulti(), foreground_acc])
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-2)
